@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Install everything ovl-volatile-harness needs on a Debian (or Ubuntu) host:
+# the kernel toolchain, QEMU, mmdebstrap, the offline kernel sources, and the
+# pinned Python dependencies from pyproject.toml.  Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+SUDO=""
+[ "$(id -u)" = 0 ] || SUDO="sudo"
+
+PKGS=(
+	build-essential flex bison bc libelf-dev libssl-dev cpio ccache kmod git patch
+	rsync xz-utils zstd python3-venv
+	qemu-system-x86 qemu-utils mmdebstrap e2fsprogs xfsprogs
+	openssh-client openssh-server
+)
+# The offline kernel trees (Debian's linux-source-X.Y packages); optional where
+# the distribution does not ship them (use --source kernel.org:X.Y.Z there).
+SOURCES=(${OVL_KERNEL_SOURCES:-linux-source-6.12})
+
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+
+missing=()
+for p in "${PKGS[@]}" "${SOURCES[@]}"; do
+	installed "$p" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+	echo "setup: installing ${missing[*]}"
+	$SUDO apt-get update -q
+	avail=()
+	for p in "${missing[@]}"; do
+		if apt-cache show "$p" >/dev/null 2>&1; then
+			avail+=("$p")
+		else
+			echo "setup: warning: package $p is not available here; skipping it" >&2
+		fi
+	done
+	$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${avail[@]}"
+else
+	echo "setup: Debian packages already installed"
+fi
+
+PY="${PYTHON:-python3}"
+if ! "$PY" -c 'import invoke, paramiko, pytest, jinja2, requests' 2>/dev/null ||
+   ! "$PY" -m pip show ovl-volatile-harness >/dev/null 2>&1; then
+	echo "setup: installing Python dependencies (pinned in pyproject.toml)"
+	PIP_ROOT_USER_ACTION=ignore "$PY" -m pip install -q --disable-pip-version-check -e .
+else
+	echo "setup: Python dependencies already installed"
+fi

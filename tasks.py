@@ -1,0 +1,187 @@
+"""Invoke tasks: thin wrappers that parse arguments and call vm/ functions.
+
+    invoke build boot test      # the main job: build kernels, boot one, run the suite
+    invoke ci                   # the test command: unit tests, lint, kernels, scenarios
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+
+from invoke import Collection, Exit, task
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+from vm import errors, pipeline, runner  # noqa: E402
+from vm.settings import Settings  # noqa: E402
+
+
+def settings_of(c, **overrides) -> Settings:
+    return Settings.from_mapping(dict(c.config.get("ovl", {})), project_root=ROOT, **overrides)
+
+
+def harness_task(*args, **kwargs):
+    """@task that turns a HarnessError into one line on stderr and a non-zero exit."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(c, *a, **kw):
+            try:
+                return fn(c, *a, **kw)
+            except errors.HarnessError as exc:
+                kind = "error" if isinstance(exc, errors.UserError) else "infrastructure error"
+                print(f"{kind}: {exc}", file=sys.stderr)
+                raise Exit(code=exc.exit_code) from None
+            except KeyboardInterrupt:
+                print("interrupted", file=sys.stderr)
+                raise Exit(code=130) from None
+        return task(inner, **kwargs)
+
+    if args and callable(args[0]):
+        return wrap(args[0])
+    return wrap
+
+
+def _variants(text: str, debug: bool) -> list[pipeline.Variant]:
+    return [pipeline.Variant.parse(v.strip(), debug) for v in text.split(",") if v.strip()]
+
+
+@harness_task
+def setup(c):
+    """Install the Debian and Python dependencies (runs ./setup.sh)."""
+    runner.run([str(ROOT / "setup.sh")], capture=False)
+
+
+@harness_task(help={"source": "debian | kernel.org:X.Y.Z | tarball:PATH|URL | git:URL@REF | tree:DIR"})
+def fetch(c, source=None):
+    """Fetch (or reuse) the pristine kernel tree."""
+    pipeline.get_tree(settings_of(c), source)
+
+
+@harness_task(help={"variants": "comma list of baseline, patched, prefix-N (default: baseline,patched)",
+                    "debug": "add kconfig/debug.config (lockdep, KASAN, ...)",
+                    "source": "kernel source (see `invoke fetch --help`)",
+                    "prefixes": "also build every prefix of the series (prefix-1 .. prefix-N)"})
+def build(c, variants="baseline,patched", debug=False, source=None, prefixes=False):
+    """Build kernels (keyed by tree, series and config: unchanged inputs never rebuild)."""
+    s = settings_of(c)
+    tree = pipeline.get_tree(s, source)
+    wanted = _variants(variants, debug)
+    if prefixes:
+        count = len(pipeline.series(s))
+        wanted += [pipeline.Variant(f"prefix-{n}", n, debug) for n in range(1, count)]
+    for variant in wanted:
+        kernel = pipeline.build_kernel(s, variant, tree)
+        print(f"{variant.label}: {kernel.bzimage}")
+    pipeline.guest_image(s)
+
+
+@harness_task
+def image(c):
+    """Build (or reuse) the guest root filesystem image."""
+    print(pipeline.guest_image(settings_of(c)).path)
+
+
+@harness_task(help={"variant": "baseline, patched or prefix-N", "detach": "leave the guest running",
+                    "debug": "boot the debug-config kernel", "accel": "auto, kvm or tcg"})
+def boot(c, variant="patched", detach=False, debug=False, accel=None, source=None):
+    """Boot a kernel and check SSH; with --detach leave it running for `invoke ssh`."""
+    s = settings_of(c, accel=accel)
+    kernel = pipeline.build_kernel(s, pipeline.Variant.parse(variant, debug), pipeline.get_tree(s, source))
+    img = pipeline.guest_image(s)
+    run_dir = pipeline.run_dir(s, kernel.label)
+    for old in pipeline.running_guests(s):
+        if old.run_dir == run_dir:
+            old.stop()
+    g = pipeline.boot(s, kernel, img, run_dir, detach=detach)
+    try:
+        res = g.run(["uname", "-r"], check=True)
+        print(f"guest running {res.stdout.strip()} [{g.plan.spec.accel.name}]")
+    except BaseException:
+        g.stop()
+        raise
+    if detach:
+        print(f"detached: pid {g.pid}, ssh port {g.plan.spec.ssh_port}; `invoke ssh`, `invoke stop`")
+    else:
+        g.stop()
+
+
+@harness_task(help={"command": "run this command instead of an interactive shell",
+                    "variant": "which detached guest (default: the only one running)"})
+def ssh(c, command=None, variant=None):
+    """Open a shell in the detached guest, or run one command (-c) and return its status."""
+    found = pipeline.find_guest(settings_of(c), variant)
+    if command is None:
+        argv = ["ssh", "-i", str(found.key_path), "-p", str(found.port), "-o", "StrictHostKeyChecking=no",
+                "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "root@127.0.0.1"]
+        runner.announce(argv)
+        os.execvp("ssh", argv)
+    with found.connection() as conn:
+        res = conn.run(command)
+    sys.stdout.write(res.stdout)
+    sys.stderr.write(res.stderr)
+    if res.exit_status:
+        raise Exit(code=res.exit_status)
+
+
+@harness_task
+def stop(c):
+    """Stop every detached guest."""
+    alive = pipeline.running_guests(settings_of(c))
+    for found in alive:
+        found.stop()
+        print(f"stopped {found.label} guest (pid {found.pid}, {found.release})")
+    if not alive:
+        print("no guest was running")
+
+
+@harness_task(help={"variants": "kernels to run the scenarios on (default: baseline,patched)",
+                    "keep_vm": "leave the last guest running after the run",
+                    "k": "pytest -k expression", "debug": "use the debug-config kernels",
+                    "source": "kernel source (see `invoke fetch --help`)"})
+def test(c, variants="baseline,patched", keep_vm=False, k=None, debug=False, source=None):
+    """Run the scenario suite on booted guests (building what is missing)."""
+    s = settings_of(c)
+    tree = pipeline.get_tree(s, source)
+    args = []
+    for variant in _variants(variants, debug):
+        kernel = pipeline.build_kernel(s, variant, tree)
+        args += ["--kernel", f"{variant.name}={kernel.build_dir}"]
+    img = pipeline.guest_image(s)
+    args += ["--image", str(img.path)]
+    if keep_vm:
+        args.append("--keep-vm")
+    if k:
+        args += ["-k", k]
+    _pytest(s, ["tests/scenarios", *args], "scenarios")
+
+
+def _pytest(s: Settings, args: list[str], name: str) -> None:
+    s.results_dir.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "pytest", *args, f"--junitxml={s.results_dir / (name + '.xml')}"]
+    res = runner.run(argv, cwd=ROOT, capture=False, check=False)
+    if res.returncode not in (0,):
+        raise Exit(f"pytest ({name}) failed with exit code {res.returncode}", code=res.returncode or 1)
+
+
+@harness_task
+def unit(c):
+    """Fast unit tests (no VM)."""
+    _pytest(settings_of(c), ["tests/unit", "-m", "unit"], "unit")
+
+
+@harness_task(help={"full": "also run the full tier (see README)"})
+def ci(c, full=False):
+    """The test command: unit tests, then kernels, image and scenarios on booted guests."""
+    with runner.phase("unit tests"):
+        unit(c)
+    with runner.phase("scenarios"):
+        test(c)
+
+
+ns = Collection(setup, fetch, build, image, boot, ssh, stop, test, unit, ci)
+ns.configure({"ovl": {}})

@@ -1,0 +1,1 @@
+"""ovl-volatile-harness: build, boot and test kernels carrying the reusable-volatile series."""

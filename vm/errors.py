@@ -1,0 +1,123 @@
+"""Error hierarchy.
+
+Every error the harness raises on purpose is a :class:`HarnessError`.  Its
+message is one line that names the cause and the fix, built from a template
+(tuxmake style), so the CLI can print ``str(err)`` and exit non-zero without a
+traceback.  :class:`UserError` means the input was wrong (a patch that does not
+apply, a missing config option, a corrupt tarball); :class:`InfraError` means
+the machine or a tool misbehaved (QEMU hung, SSH unreachable, a build broke).
+"""
+
+from __future__ import annotations
+
+
+class HarnessError(Exception):
+    """Base class: ``message`` is a ``str.format`` template filled from kwargs."""
+
+    message = "{cause}; fix: {fix}"
+    exit_code = 2
+
+    def __init__(self, **kwargs: object) -> None:
+        self.fields = kwargs
+        try:
+            text = self.message.format(**kwargs)
+        except (KeyError, IndexError):  # pragma: no cover - template bug
+            text = f"{type(self).__name__}: {kwargs!r}"
+        super().__init__(text)
+
+
+class UserError(HarnessError):
+    """The input was wrong; the user can fix it."""
+
+    exit_code = 2
+
+
+class InfraError(HarnessError):
+    """A tool, the machine or the guest failed; not the user's input."""
+
+    exit_code = 3
+
+
+# --- user errors -------------------------------------------------------------
+
+class MissingTool(UserError):
+    message = "{tool} is not installed; fix: run `invoke setup` (or apt-get install {package})"
+
+
+class SourceNotFound(UserError):
+    message = "kernel source {what} not found; fix: {fix}"
+
+
+class ChecksumMismatch(UserError):
+    message = ("sha256 of {name} is {actual}, published checksum is {expected}; "
+               "fix: the download is corrupt or tampered with, nothing was kept, retry or use another mirror")
+
+
+class CorruptTarball(UserError):
+    message = "{path} is not a usable kernel tarball ({reason}); fix: {fix}"
+
+
+class UnsafeArchive(UserError):
+    message = "{path} has an unsafe member {member!r} ({reason}); fix: use a trusted kernel tarball"
+
+
+class SeriesError(UserError):
+    message = "{series}: {reason}; fix: {fix}"
+
+
+class PatchDoesNotApply(UserError):
+    message = ("{patch} does not apply to {tree}: {detail}; "
+               "fix: rebase the patch onto this base (the tree was left untouched)")
+
+
+class ConfigOptionsDropped(UserError):
+    message = ("kconfig dropped {count} requested option(s) after olddefconfig: {options}; "
+               "fix: add the missing dependencies to the fragment or remove these lines")
+
+
+class BadFragment(UserError):
+    message = "config fragment {path}: {reason}; fix: {fix}"
+
+
+class BadArgument(UserError):
+    message = "{what}; fix: {fix}"
+
+
+# --- infrastructure errors ---------------------------------------------------
+
+class CommandFailed(InfraError):
+    message = "`{cmd}` exited {rc}{detail}; fix: {fix}"
+
+
+class FetchFailed(InfraError):
+    message = "could not fetch {url}: {reason}; fix: {fix}"
+
+
+class BuildFailed(InfraError):
+    message = "kernel build failed in {build_dir} ({reason}); fix: see {log} for the full log"
+
+
+class ImageBuildFailed(InfraError):
+    message = "guest image build failed ({reason}); fix: {fix}"
+
+
+class AccelUnavailable(InfraError):
+    message = "no usable QEMU accelerator: {reason}; fix: {fix}"
+
+
+class GuestBootFailed(InfraError):
+    message = "guest {reason}; fix: {fix} (console: {console})"
+
+
+class SSHUnreachable(InfraError):
+    message = "cannot reach the guest over SSH at {host}:{port} ({reason}); fix: {fix}"
+
+
+class GuestNotRunning(InfraError):
+    message = "no guest is running ({reason}); fix: start one with `invoke boot --detach`"
+
+
+class KvmHang(InfraError):
+    """Internal signal: the KVM guest printed nothing; the caller falls back to TCG."""
+
+    message = "KVM guest printed nothing in {seconds:.0f}s (hangs in firmware or QEMU died); fix: use --accel tcg"

@@ -1,0 +1,119 @@
+"""Plain functions the Invoke tasks and the pytest fixtures share.
+
+Each step takes :class:`~vm.settings.Settings` and returns a value object;
+nothing here parses command lines or prints usage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from vm import build, errors, fetch, guest, image, kconfig, runner
+from vm.patch import Series, parse_series
+from vm.settings import Settings
+
+BASELINE = "baseline"
+PATCHED = "patched"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Which kernel: the baseline, the full series, or the first N patches."""
+
+    name: str                 # "baseline", "patched", "prefix-3"
+    patches: int | None       # None: all of them
+    debug: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}-debug" if self.debug else self.name
+
+    @classmethod
+    def parse(cls, text: str, debug: bool = False) -> "Variant":
+        if text == BASELINE:
+            return cls(BASELINE, 0, debug)
+        if text == PATCHED:
+            return cls(PATCHED, None, debug)
+        if text.startswith("prefix-") and text[7:].isdigit():
+            return cls(text, int(text[7:]), debug)
+        raise errors.BadArgument(what=f"unknown kernel variant {text!r}",
+                                 fix="use baseline, patched or prefix-N")
+
+
+def get_tree(settings: Settings, source: str | None = None) -> fetch.Tree:
+    spec = fetch.SourceSpec.parse(source or settings.source, settings.base)
+    with runner.phase(f"fetch {spec.kind}:{spec.value}"):
+        tree = fetch.fetch(spec, settings.sub("sources"), kernelorg_mirror=settings.kernelorg_mirror)
+    runner.echo(f"  tree: {tree.path} (Linux {tree.version}, {tree.origin})")
+    return tree
+
+
+def series(settings: Settings) -> Series:
+    return parse_series(settings.series_file)
+
+
+def series_for(settings: Settings, variant: Variant) -> Series:
+    if variant.patches == 0:
+        return Series(Path("none"), ())
+    full = series(settings)
+    if not len(full):
+        raise errors.SeriesError(series=settings.series_file, reason="the series is empty",
+                                 fix="list the patches in it, or build the baseline only")
+    return full if variant.patches is None else full.prefix(variant.patches)
+
+
+def fragments(settings: Settings, debug: bool) -> tuple[kconfig.Fragment, ...]:
+    names = list(settings.fragments) + ([settings.debug_fragment] if debug else [])
+    return tuple(kconfig.resolve_fragments(names, settings.kconfig_dir))
+
+
+def build_kernel(settings: Settings, variant: Variant, tree: fetch.Tree) -> build.Kernel:
+    inputs = build.BuildInputs(label=variant.label, tree_path=tree.path, tree_key=tree.key,
+                               version=tree.version, series=series_for(settings, variant),
+                               fragments=fragments(settings, variant.debug))
+    tc = build.default_toolchain(settings.cache_dir, settings.jobs, settings.ccache)
+    with runner.phase(f"build {variant.label}"):
+        return build.build(inputs, settings.sub("builds"), tc)
+
+
+def guest_image(settings: Settings) -> image.Image:
+    spec = image.ImageSpec(suite=settings.image_suite or image.host_suite(),
+                           packages=tuple(image.DEFAULT_PACKAGES) + tuple(settings.image_packages),
+                           sources=image.host_sources())
+    with runner.phase("guest image"):
+        return image.build_image(spec, settings.sub("images"))
+
+
+def run_dir(settings: Settings, label: str) -> Path:
+    """Where a guest of this kernel variant keeps its console, disks and state."""
+    return settings.sub("run") / label
+
+
+def boot(settings: Settings, kernel: build.Kernel, img: image.Image, run_dir: Path,
+         *, detach: bool = False) -> guest.Guest:
+    with runner.phase(f"boot {kernel.label} ({kernel.release})"):
+        return guest.Guest.boot(guest.plan(settings, kernel, img, run_dir), detach=detach)
+
+
+def running_guests(settings: Settings) -> list[guest.Attached]:
+    """Detached guests that are still alive (stale state files are dropped)."""
+    found = []
+    for state in sorted(settings.sub("run").glob(f"*/{guest.STATE_FILE}")):
+        try:
+            found.append(guest.attach(state.parent))
+        except errors.GuestNotRunning:
+            pass
+    return found
+
+
+def find_guest(settings: Settings, label: str | None) -> guest.Attached:
+    if label:
+        return guest.attach(run_dir(settings, label))
+    alive = running_guests(settings)
+    if len(alive) == 1:
+        return alive[0]
+    if not alive:
+        raise errors.GuestNotRunning(reason="no detached guest found")
+    raise errors.BadArgument(what=f"{len(alive)} guests are running ({', '.join(a.label for a in alive)})",
+                             fix="pick one with --variant")

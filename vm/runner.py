@@ -1,0 +1,149 @@
+"""The one way the harness runs external commands.
+
+Every command is a list of arguments (never ``shell=True``), is echoed as a
+copy-pasteable :func:`shlex.join` line before it runs, and fails with a
+:class:`~vm.errors.CommandFailed` that carries the exit code and the last
+lines of its output.  Long-running commands can stream into a log file while
+a filter decides which lines reach the terminal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Mapping, Sequence
+
+from vm import errors
+
+Cmd = Sequence["str | os.PathLike[str]"]
+
+
+@dataclass(frozen=True)
+class Result:
+    cmd: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+
+def _argv(cmd: Cmd) -> list[str]:
+    return [os.fspath(c) for c in cmd]
+
+
+def echo(line: str, *, stream=None) -> None:
+    print(line, file=stream or sys.stderr, flush=True)
+
+
+def announce(argv: Sequence[str], cwd: "os.PathLike[str] | str | None" = None) -> None:
+    prefix = f"(cd {shlex.quote(os.fspath(cwd))} && " if cwd else ""
+    suffix = ")" if cwd else ""
+    echo(f"+ {prefix}{shlex.join(argv)}{suffix}")
+
+
+def tail(text: str, lines: int = 5) -> str:
+    kept = [ln for ln in text.strip().splitlines() if ln.strip()][-lines:]
+    return " | ".join(kept)
+
+
+def run(cmd: Cmd, *, cwd: "os.PathLike[str] | str | None" = None,
+        env: Mapping[str, str] | None = None, check: bool = True,
+        capture: bool = True, timeout: float | None = None,
+        input: str | None = None, quiet: bool = False,
+        fix: str = "see the command's output above") -> Result:
+    """Run ``cmd`` to completion and return its :class:`Result`."""
+    argv = _argv(cmd)
+    if not quiet:
+        announce(argv, cwd)
+    if shutil.which(argv[0]) is None and not os.path.exists(argv[0]):
+        raise errors.MissingTool(tool=argv[0], package=argv[0])
+    full_env = None
+    if env:
+        full_env = dict(os.environ)
+        full_env.update(env)
+    try:
+        proc = subprocess.run(argv, cwd=cwd, env=full_env, input=input, text=True,
+                              stdout=subprocess.PIPE if capture else None,
+                              stderr=subprocess.PIPE if capture else None,
+                              timeout=timeout, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise errors.CommandFailed(cmd=shlex.join(argv), rc="nothing (timed out)",
+                                   detail=f" after {timeout:.0f}s", fix=fix) from exc
+    res = Result(tuple(argv), proc.returncode, proc.stdout or "", proc.stderr or "")
+    if check and not res.ok:
+        detail = tail(res.stderr or res.stdout)
+        raise errors.CommandFailed(cmd=shlex.join(argv), rc=res.returncode,
+                                   detail=f": {detail}" if detail else "", fix=fix)
+    return res
+
+
+def run_logged(cmd: Cmd, log: Path, *, cwd: "os.PathLike[str] | str | None" = None,
+               env: Mapping[str, str] | None = None,
+               show: Callable[[str], bool] = lambda line: False,
+               timeout: float | None = None) -> int:
+    """Run ``cmd`` with stdout+stderr appended to ``log``; return the exit code.
+
+    Lines for which ``show(line)`` is true are echoed to the terminal, so a
+    build can print progress without flooding it.  The caller interprets a
+    non-zero exit (it knows which lines of the log matter).
+    """
+    argv = _argv(cmd)
+    announce(argv, cwd)
+    if shutil.which(argv[0]) is None and not os.path.exists(argv[0]):
+        raise errors.MissingTool(tool=argv[0], package=argv[0])
+    full_env = dict(os.environ)
+    if env:
+        full_env.update(env)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + timeout if timeout else None
+    with open(log, "a", encoding="utf-8", errors="replace") as fh:
+        fh.write(f"+ {shlex.join(argv)}\n")
+        fh.flush()
+        proc = subprocess.Popen(argv, cwd=cwd, env=full_env, text=True, errors="replace",
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                fh.write(line)
+                if show(line):
+                    echo(line.rstrip())
+                if deadline and time.monotonic() > deadline:
+                    raise errors.CommandFailed(cmd=shlex.join(argv), rc="nothing (timed out)",
+                                               detail=f" after {timeout:.0f}s",
+                                               fix=f"see {log}")
+            return proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+@contextlib.contextmanager
+def phase(name: str) -> Iterator[None]:
+    """Time a phase of work and report it, tuxmake style."""
+    echo(f"==> {name}")
+    start = time.monotonic()
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        took = time.monotonic() - start
+        echo(f"<== {name}: {'done' if ok else 'FAILED'} in {took:.1f}s")
+
+
+def require(tool: str, package: str | None = None) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        raise errors.MissingTool(tool=tool, package=package or tool)
+    return path

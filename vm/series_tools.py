@@ -1,0 +1,116 @@
+"""Series-level tools: checkpatch lint and the rendered cover letter."""
+
+from __future__ import annotations
+
+import email.utils
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+
+from vm import errors, runner
+from vm.patch import Series
+
+COVER_NAME = "0000-cover-letter.patch"
+_TOTAL = re.compile(r"total: (\d+) errors, (\d+) warnings, (?:(\d+) checks, )?\d+ lines checked")
+
+
+@dataclass(frozen=True)
+class LintResult:
+    patch: str
+    errors: int
+    warnings: int
+    checks: int
+    output: str
+
+    @property
+    def clean(self) -> bool:
+        return self.errors == self.warnings == self.checks == 0
+
+
+def parse_checkpatch(name: str, output: str) -> LintResult:
+    m = _TOTAL.search(output)
+    if not m:
+        raise errors.CommandFailed(cmd=f"checkpatch.pl {name}", rc="without a summary",
+                                   detail=f": {runner.tail(output, 2)}", fix="run it by hand")
+    return LintResult(name, int(m.group(1)), int(m.group(2)), int(m.group(3) or 0), output)
+
+
+def checkpatch(tree: Path, series: Series) -> list[LintResult]:
+    """``scripts/checkpatch.pl --strict`` on every patch of the series."""
+    script = tree / "scripts" / "checkpatch.pl"
+    if not script.is_file():
+        raise errors.SourceNotFound(what=f"script {script}", fix="fetch a kernel tree first")
+    results = []
+    for patch in series.patches:
+        res = runner.run(["perl", script, "--strict",
+                          "--color=never", "--show-types", patch.path], cwd=tree, check=False)
+        results.append(parse_checkpatch(patch.name, res.stdout + res.stderr))
+    return results
+
+
+# --- cover letter --------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PatchInfo:
+    subject: str
+    filename: str
+
+
+def diffstat(pristine: Path, patched: Path, series: Series) -> str:
+    """``git diff --stat`` of the files the series touches, in a scratch repo."""
+    touched: list[str] = []
+    for patch in series.patches:
+        res = runner.run(["git", "apply", "--numstat", patch.path], cwd=patched, quiet=True)
+        for line in res.stdout.splitlines():
+            path = line.split("\t")[-1]
+            if path not in touched:
+                touched.append(path)
+    tmp = Path(tempfile.mkdtemp(prefix="ovl-diffstat-"))
+    try:
+        git = ["git", "-C", str(tmp), "-c", "user.name=x", "-c", "user.email=x@x", "-c", "commit.gpgsign=false"]
+        runner.run([*git, "init", "-q"], quiet=True)
+        for side in (pristine, patched):
+            for rel in touched:
+                dest = tmp / rel
+                if (side / rel).is_file():
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(side / rel, dest)
+                else:
+                    dest.unlink(missing_ok=True)
+            if side == pristine:
+                runner.run([*git, "add", "-A"], quiet=True)
+                runner.run([*git, "commit", "-q", "--allow-empty", "-m", "base"], quiet=True)
+        runner.run([*git, "add", "-A"], quiet=True)
+        return runner.run([*git, "diff", "--cached", "--stat=72"], quiet=True).stdout.rstrip("\n")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _header(path: Path, name: str) -> str | None:
+    for line in path.read_text(errors="replace").splitlines():
+        if line.startswith(f"{name}:"):
+            return line.split(":", 1)[1].strip()
+        if not line.strip():
+            break
+    return None
+
+
+def render_cover_letter(series: Series, template: Path, *, diffstat_text: str,
+                        base_version: str, base_commit: str | None) -> str:
+    if not len(series):
+        raise errors.SeriesError(series=series.path, reason="the series is empty",
+                                 fix="add patches before rendering a cover letter")
+    first = series.patches[0].path
+    author = _header(first, "From") or "unknown"
+    dates = [email.utils.parsedate_to_datetime(d) for p in series.patches
+             if (d := _header(p.path, "Date"))]
+    date = email.utils.format_datetime(max(dates)) if dates else ""
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(template.parent)),
+                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    return env.get_template(template.name).render(
+        patches=[PatchInfo(p.subject(), p.name) for p in series.patches], diffstat=diffstat_text,
+        base_version=base_version, base_commit=base_commit, author=author, date=date)
