@@ -69,11 +69,10 @@ def fetch(c, source=None):
 def build(c, variants="baseline,patched", debug=False, source=None, prefixes=False):
     """Build kernels (keyed by tree, series and config: unchanged inputs never rebuild)."""
     s = settings_of(c)
-    tree = pipeline.get_tree(s, source)
     wanted = _variants(variants, debug)
+    tree = pipeline.get_tree(s, source)
     if prefixes:
-        count = len(pipeline.series(s))
-        wanted += [pipeline.Variant(f"prefix-{n}", n, debug) for n in range(1, count)]
+        wanted += [v for v in pipeline.prefix_variants(s, debug) if v not in wanted]
     for variant in wanted:
         kernel = pipeline.build_kernel(s, variant, tree)
         print(f"{variant.label}: {kernel.bzimage}")
@@ -150,7 +149,7 @@ def test(c, variants="baseline,patched", keep_vm=False, k=None, debug=False, sou
     args = []
     for variant in _variants(variants, debug):
         kernel = pipeline.build_kernel(s, variant, tree)
-        args += ["--kernel", f"{variant.name}={kernel.build_dir}"]
+        args += ["--kernel", f"{variant.label}={kernel.build_dir}"]
     img = pipeline.guest_image(s)
     args += ["--image", str(img.path)]
     if keep_vm:
@@ -168,6 +167,31 @@ def _pytest(s: Settings, args: list[str], name: str) -> None:
         raise Exit(f"pytest ({name}) failed with exit code {res.returncode}", code=res.returncode or 1)
 
 
+@harness_task(help={"source": "kernel source whose scripts/checkpatch.pl is used"})
+def lint(c, source=None):
+    """checkpatch --strict on every patch, and the cover letter is up to date."""
+    s = settings_of(c)
+    tree = pipeline.get_tree(s, source)
+    with runner.phase("checkpatch --strict"):
+        pipeline.lint(s, tree)
+    with runner.phase("cover letter up to date"):
+        print(f"cover letter up to date: {pipeline.check_cover_letter(s, tree)}")
+
+
+@harness_task(name="cover-letter")
+def cover_letter(c, source=None):
+    """Render patches/<base>/0000-cover-letter.patch from the Jinja2 template."""
+    from vm.series_tools import COVER_NAME
+
+    s = settings_of(c)
+    text = pipeline.cover_letter(s, pipeline.get_tree(s, source))
+    path = s.patches_dir / COVER_NAME
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    print(f"wrote {path}")
+
+
 @harness_task
 def unit(c):
     """Fast unit tests (no VM)."""
@@ -176,12 +200,17 @@ def unit(c):
 
 @harness_task(help={"full": "also run the full tier (see README)"})
 def ci(c, full=False):
-    """The test command: unit tests, then kernels, image and scenarios on booted guests."""
+    """The test command: unit tests, lint, every series prefix built, scenarios on booted guests."""
+    s = settings_of(c)
     with runner.phase("unit tests"):
         unit(c)
-    with runner.phase("scenarios"):
-        test(c)
+    with runner.phase("lint"):
+        lint(c)
+    variants = [v.label for v in pipeline.prefix_variants(s)]
+    variants.append("patched-debug")
+    with runner.phase(f"scenarios on {', '.join(variants)}"):
+        test(c, variants=",".join(variants))
 
 
-ns = Collection(setup, fetch, build, image, boot, ssh, stop, test, unit, ci)
+ns = Collection(setup, fetch, build, image, boot, ssh, stop, test, unit, lint, cover_letter, ci)
 ns.configure({"ovl": {}})

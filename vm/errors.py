@@ -121,3 +121,12 @@ class KvmHang(InfraError):
     """Internal signal: the KVM guest printed nothing; the caller falls back to TCG."""
 
     message = "KVM guest printed nothing in {seconds:.0f}s (hangs in firmware or QEMU died); fix: use --accel tcg"
+
+
+class LintFailed(UserError):
+    message = ("checkpatch --strict is not clean on {count} patch(es): {patches}; "
+               "fix: correct the lines listed above and regenerate the patches")
+
+
+class StaleCoverLetter(UserError):
+    message = "{path} does not match the series; fix: run `invoke cover-letter` and commit the result"

@@ -31,6 +31,8 @@ class Variant:
 
     @classmethod
     def parse(cls, text: str, debug: bool = False) -> "Variant":
+        if text.endswith("-debug"):
+            text, debug = text[: -len("-debug")], True
         if text == BASELINE:
             return cls(BASELINE, 0, debug)
         if text == PATCHED:
@@ -51,6 +53,14 @@ def get_tree(settings: Settings, source: str | None = None) -> fetch.Tree:
 
 def series(settings: Settings) -> Series:
     return parse_series(settings.series_file)
+
+
+def prefix_variants(settings: Settings, debug: bool = False) -> list[Variant]:
+    """baseline, prefix-1 .. prefix-(N-1), patched: every prefix of the series."""
+    count = len(series(settings))
+    return ([Variant(BASELINE, 0, debug)]
+            + [Variant(f"prefix-{n}", n, debug) for n in range(1, count)]
+            + [Variant(PATCHED, None, debug)])
 
 
 def series_for(settings: Settings, variant: Variant) -> Series:
@@ -117,3 +127,52 @@ def find_guest(settings: Settings, label: str | None) -> guest.Attached:
         raise errors.GuestNotRunning(reason="no detached guest found")
     raise errors.BadArgument(what=f"{len(alive)} guests are running ({', '.join(a.label for a in alive)})",
                              fix="pick one with --variant")
+
+
+def lint(settings: Settings, tree: fetch.Tree) -> list:
+    """checkpatch --strict on every patch; raises if any is not clean."""
+    from vm import series_tools
+
+    results = series_tools.checkpatch(tree.path, series(settings))
+    for r in results:
+        runner.echo(f"  {'clean' if r.clean else 'NOT CLEAN'}: {r.patch}: {r.errors} errors, "
+                    f"{r.warnings} warnings, {r.checks} checks")
+    dirty = [r for r in results if not r.clean]
+    if dirty:
+        for r in dirty:
+            for line in r.output.splitlines():
+                if line.startswith(("ERROR:", "WARNING:", "CHECK:")):
+                    runner.echo(f"  | {r.patch}: {line}")
+        raise errors.LintFailed(count=len(dirty), patches=", ".join(r.patch for r in dirty))
+    return results
+
+
+def cover_letter(settings: Settings, tree: fetch.Tree) -> str:
+    """Render patches/templates/cover-letter.j2 for the series on this tree."""
+    import shutil
+    import tempfile
+
+    from vm import series_tools
+
+    full = series(settings)
+    scratch = Path(tempfile.mkdtemp(prefix=".tmp-cover-", dir=settings.sub("builds")))
+    try:
+        from vm.patch import prepare_source
+
+        patched = prepare_source(tree.path, full, scratch / "src")
+        stat = series_tools.diffstat(tree.path, patched, full)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return series_tools.render_cover_letter(
+        full, settings.project_root / "patches" / "templates" / "cover-letter.j2",
+        diffstat_text=stat, base_version=tree.version, base_commit=getattr(tree, "commit", None))
+
+
+def check_cover_letter(settings: Settings, tree: fetch.Tree) -> Path:
+    from vm import series_tools
+
+    path = settings.patches_dir / series_tools.COVER_NAME
+    fresh = cover_letter(settings, tree)
+    if not path.is_file() or path.read_text() != fresh:
+        raise errors.StaleCoverLetter(path=path)
+    return path

@@ -23,7 +23,7 @@ def test_volatile_remount_smoke(guest, variant, klog):
     assert scenario.umount_overlay(guest, dirs) == "OK"
 
     second = scenario.mount_overlay(guest, dirs, volatile=True)
-    expected = SECOND_VOLATILE_MOUNT[variant.split("-debug")[0]]
+    expected = SECOND_VOLATILE_MOUNT[variant.removesuffix("-debug")]
     assert second == expected, f"second volatile mount: {second.detail or second}, expected {expected}"
     if expected == "EINVAL":
         assert scenario.INCOMPAT_MSG in klog.text()
