@@ -94,7 +94,7 @@ def boot(c, variant="patched", detach=False, debug=False, accel=None, source=Non
     img = pipeline.guest_image(s)
     run_dir = pipeline.run_dir(s, kernel.label)
     for old in pipeline.running_guests(s):
-        if old.run_dir == run_dir:
+        if old.plan.run_dir == run_dir:
             old.stop()
     g = pipeline.boot(s, kernel, img, run_dir, detach=detach)
     try:
@@ -115,11 +115,12 @@ def ssh(c, command=None, variant=None):
     """Open a shell in the detached guest, or run one command (-c) and return its status."""
     found = pipeline.find_guest(settings_of(c), variant)
     if command is None:
-        argv = ["ssh", "-i", str(found.key_path), "-p", str(found.port), "-o", "StrictHostKeyChecking=no",
+        argv = ["ssh", "-i", str(found.plan.key_path), "-p", str(found.plan.spec.ssh_port),
+                "-o", "StrictHostKeyChecking=no",
                 "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "root@127.0.0.1"]
         runner.announce(argv)
         os.execvp("ssh", argv)
-    with found.connection() as conn:
+    with found.conn as conn:
         res = conn.run(command)
     sys.stdout.write(res.stdout)
     sys.stderr.write(res.stderr)
@@ -133,7 +134,7 @@ def stop(c):
     alive = pipeline.running_guests(settings_of(c))
     for found in alive:
         found.stop()
-        print(f"stopped {found.label} guest (pid {found.pid}, {found.release})")
+        print(f"stopped {found.plan.kernel_label} guest (pid {found.pid}, {found.plan.kernel_release})")
     if not alive:
         print("no guest was running")
 

@@ -97,14 +97,17 @@ def guest(request, variant, kernel, guest_image, settings, results_dir):
     keep = request.config.getoption("--keep-vm")
     run_dir = pipeline.run_dir(settings, kernel.label)
     try:
-        found = guest_mod.attach(run_dir)
-        if found.kernel == kernel.bzimage:
-            pytest.fail(f"a detached guest already runs {kernel.label} in {run_dir}; "
-                        "stop it first (`invoke stop`) so scenarios start from a known state")
-        found.stop()
+        running = guest_mod.attach(run_dir)
     except errors.GuestNotRunning:
-        pass
-    g = pipeline.boot(settings, kernel, guest_image, run_dir, detach=keep)
+        running = None
+    if running is not None and running.plan.spec.kernel == kernel.bzimage \
+            and running.plan.spec.root.path == guest_image.path:
+        print(f"\nreusing the detached {kernel.label} guest (pid {running.pid})")
+        g, keep = running, True
+    else:
+        if running is not None:
+            running.stop()
+        g = pipeline.boot(settings, kernel, guest_image, run_dir, detach=keep)
     try:
         yield g
     finally:

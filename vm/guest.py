@@ -16,14 +16,14 @@ import os
 import signal
 import subprocess
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from vm import console, errors, qemu, runner
 from vm.build import Kernel
 from vm.image import Image
 from vm.settings import Settings
-from vm.ssh import GuestConnection, ensure_keypair
+from vm.ssh import GuestCommandTimeout, GuestConnection, ensure_keypair
 
 STATE_FILE = "guest.json"
 #: seconds a KVM guest may stay silent before we decide it hangs in firmware
@@ -183,9 +183,11 @@ class Guest:
         raise errors.GuestBootFailed(reason=reason, fix=fix,
                                      console=f"{self.plan.spec.console_log}: ...{tail[-600:]}")
 
-    def stop(self) -> None:
-        """Idempotent: end QEMU (SIGTERM, then SIGKILL) and forget the state."""
+    def stop(self) -> bool:
+        """Idempotent: end QEMU (SIGTERM, then SIGKILL) and forget the state.
+        True if a running QEMU was stopped."""
         self.conn.close()
+        was_running = self._alive()
         if self.proc is not None:
             if self.proc.poll() is None:
                 self.proc.terminate()
@@ -203,6 +205,7 @@ class Guest:
             else:
                 os.kill(self.pid, signal.SIGKILL)
         (self.plan.run_dir / STATE_FILE).unlink(missing_ok=True)
+        return was_running
 
     def __enter__(self) -> "Guest":
         return self
@@ -213,13 +216,21 @@ class Guest:
     def reboot(self) -> None:
         """Reboot keeping the scratch disks: the guest's reboot ends QEMU
         (-no-reboot), then the same plan starts again."""
-        self.conn.run(["sh", "-c", "sync; reboot -f"], timeout=10)
+        # The image has no init system to ask: sysrq-b reboots at once.  It
+        # runs in the background, so this command returns before the guest
+        # goes away; a connection that drops anyway is what we asked for.
+        try:
+            self.conn.run(["sh", "-c", "sync; setsid sh -c 'sleep 1; echo b > /proc/sysrq-trigger' "
+                                       "</dev/null >/dev/null 2>&1 &"], timeout=10)
+        except (errors.SSHUnreachable, GuestCommandTimeout):
+            pass
         deadline = time.monotonic() + 30 * self.plan.spec.accel.timeout_factor
         while self._alive() and time.monotonic() < deadline:
             time.sleep(0.2)
         self.stop()
         fresh = Guest.boot(self.plan, detach=self.detached)
         self.pid, self.proc, self.conn = fresh.pid, fresh.proc, fresh.conn
+        self.boot_seconds = fresh.boot_seconds
 
     # --- commands --------------------------------------------------------
     def run(self, cmd, **kwargs):
@@ -227,62 +238,49 @@ class Guest:
 
     # --- detached state --------------------------------------------------
     def save_state(self) -> None:
-        spec = self.plan.spec
-        state = {"pid": self.pid, "port": spec.ssh_port, "key": str(self.plan.key_path),
-                 "run_dir": str(self.plan.run_dir), "kernel": str(spec.kernel),
-                 "label": self.plan.kernel_label, "release": self.plan.kernel_release,
-                 "accel": spec.accel.name, "console": str(spec.console_log),
-                 "argv": spec.argv()}
+        state = {"pid": self.pid, "argv": self.plan.spec.argv(), "plan": plan_to_dict(self.plan)}
         path = self.plan.run_dir / STATE_FILE
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2))
         tmp.replace(path)
 
 
-@dataclass(frozen=True)
-class Attached:
-    """A detached guest found through its state file."""
-
-    pid: int
-    port: int
-    key_path: Path
-    run_dir: Path
-    label: str
-    release: str
-    kernel: Path
-    accel: str
-
-    def connection(self) -> GuestConnection:
-        return GuestConnection("127.0.0.1", self.port, key_path=self.key_path)
-
-    def stop(self) -> bool:
-        stopped = False
-        if _pid_is_qemu(self.pid, self.run_dir):
-            os.kill(self.pid, signal.SIGTERM)
-            for _ in range(100):
-                if not _pid_is_qemu(self.pid, self.run_dir):
-                    break
-                time.sleep(0.1)
-            else:
-                os.kill(self.pid, signal.SIGKILL)
-            stopped = True
-        (self.run_dir / STATE_FILE).unlink(missing_ok=True)
-        return stopped
+def plan_to_dict(plan: BootPlan) -> dict:
+    return json.loads(json.dumps(asdict(plan), default=str))
 
 
-def attach(run_dir: Path) -> Attached:
+def plan_from_dict(data: dict) -> BootPlan:
+    spec = dict(data["spec"])
+    arch = qemu.QemuArch(**{**spec["arch"], "extra_args": tuple(spec["arch"]["extra_args"])})
+
+    def disk(d: dict) -> qemu.Disk:
+        return qemu.Disk(Path(d["path"]), d["serial"], d["snapshot"], d["readonly"])
+
+    vm = qemu.VMSpec(arch=arch, kernel=Path(spec["kernel"]), root=disk(spec["root"]),
+                     modules=disk(spec["modules"]), scratch=tuple(disk(d) for d in spec["scratch"]),
+                     console_log=Path(spec["console_log"]), ssh_port=int(spec["ssh_port"]),
+                     pubkey_b64=spec["pubkey_b64"], accel=qemu.Accel(**spec["accel"]),
+                     memory_mb=int(spec["memory_mb"]), cpus=int(spec["cpus"]),
+                     cmdline_extra=tuple(spec["cmdline_extra"]))
+    return BootPlan(spec=vm, run_dir=Path(data["run_dir"]), key_path=Path(data["key_path"]),
+                    kernel_label=data["kernel_label"], kernel_release=data["kernel_release"],
+                    boot_timeout=float(data["boot_timeout"]))
+
+
+def attach(run_dir: Path) -> Guest:
+    """The detached guest recorded in ``run_dir``, as a :class:`Guest` (it
+    can be used, rebooted and stopped like one this process started)."""
     path = run_dir / STATE_FILE
     try:
         state = json.loads(path.read_text())
-    except (OSError, ValueError):
-        raise errors.GuestNotRunning(reason=f"no state in {path}") from None
-    found = Attached(pid=int(state["pid"]), port=int(state["port"]), key_path=Path(state["key"]),
-                     run_dir=run_dir, label=state["label"], release=state["release"],
-                     kernel=Path(state["kernel"]), accel=state["accel"])
-    if not _pid_is_qemu(found.pid, run_dir):
+        plan = plan_from_dict(state["plan"])
+        pid = int(state["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise errors.GuestNotRunning(reason=f"no usable state in {path}") from None
+    if not _pid_is_qemu(pid, run_dir):
         path.unlink(missing_ok=True)
-        raise errors.GuestNotRunning(reason=f"QEMU pid {found.pid} from {path} has exited")
-    return found
+        raise errors.GuestNotRunning(reason=f"QEMU pid {pid} from {path} has exited")
+    return Guest(plan, pid, None, detached=True)
 
 
 def _pid_is_qemu(pid: int, run_dir: Path) -> bool:

@@ -106,7 +106,7 @@ def boot(settings: Settings, kernel: build.Kernel, img: image.Image, run_dir: Pa
         return guest.Guest.boot(guest.plan(settings, kernel, img, run_dir), detach=detach)
 
 
-def running_guests(settings: Settings) -> list[guest.Attached]:
+def running_guests(settings: Settings) -> list[guest.Guest]:
     """Detached guests that are still alive (stale state files are dropped)."""
     found = []
     for state in sorted(settings.sub("run").glob(f"*/{guest.STATE_FILE}")):
@@ -117,7 +117,7 @@ def running_guests(settings: Settings) -> list[guest.Attached]:
     return found
 
 
-def find_guest(settings: Settings, label: str | None) -> guest.Attached:
+def find_guest(settings: Settings, label: str | None) -> guest.Guest:
     if label:
         return guest.attach(run_dir(settings, label))
     alive = running_guests(settings)
@@ -125,7 +125,8 @@ def find_guest(settings: Settings, label: str | None) -> guest.Attached:
         return alive[0]
     if not alive:
         raise errors.GuestNotRunning(reason="no detached guest found")
-    raise errors.BadArgument(what=f"{len(alive)} guests are running ({', '.join(a.label for a in alive)})",
+    raise errors.BadArgument(what=f"{len(alive)} guests are running "
+                                  f"({', '.join(g.plan.kernel_label for g in alive)})",
                              fix="pick one with --variant")
 
 

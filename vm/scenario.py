@@ -8,10 +8,13 @@ in SCENARIOS.md: ``assert remount(...) == EINVAL``.
 from __future__ import annotations
 
 import errno as errno_mod
+import json
 import re
+import time
 import uuid
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Protocol, Sequence
 
 SYSCALL = "/usr/local/bin/ovl-syscall"
 INCOMPAT_MSG = "overlay with incompat feature 'volatile' cannot be mounted"
@@ -150,3 +153,381 @@ def umount_overlay(g: Runs, dirs: OverlayDirs) -> Outcome:
 
 def exists(g: Runs, path: str) -> bool:
     return g.run(["test", "-e", path]).exit_status == 0
+
+
+# === the scenario suite's steps ================================================
+#
+# Everything below returns what happened; only setup steps that must work
+# (mkfs, mkdir, writing a file) raise, through :func:`sh`.
+
+
+FILESYSTEMS = ("ext4", "xfs")
+MKFS = {"ext4": ("mkfs.ext4", "-q", "-F"), "xfs": ("mkfs.xfs", "-q", "-f")}
+#: Mount options of the upper fs in the suite.  ``lazytime`` keeps the
+#: timestamp update of an in-place overwrite out of the journal/log, so the
+#: only writes while dm-flakey fails writes are data writes (a failed journal
+#: or log write would abort ext4's journal or shut xfs down: another scenario).
+#: ``noinit_itable``: no ext4lazyinit thread writing inode tables behind our back.
+UPPER_MOUNT_OPTIONS = {"ext4": "lazytime,noinit_itable", "xfs": "lazytime"}
+CHECKPOINT_XATTR = "trusted.overlay.volatile"
+UNSEEN_MSG = "Cannot mount volatile when upperdir has an unseen error"
+
+#: kernel log lines saying the upper fs itself broke (metadata I/O failed):
+#: the writeback error injection must never cause these.
+FS_DAMAGE = re.compile(
+    r"Aborting journal|Detected aborted journal|Remounting filesystem read-only|"
+    r"EXT4-fs error|I/O error while writing superblock|"
+    r"Filesystem has been shut down|Shutting down filesystem|xfs_do_force_shutdown|"
+    r"log I/O error|metadata I/O error|Corruption of in-memory data")
+
+
+def mkfs(g: Runs, device: str, fstype: str) -> None:
+    sh(g, [*MKFS[fstype], device])
+
+
+def mount_upper(g: Runs, device: str, fstype: str, dirs: OverlayDirs,
+                options: str | None = None) -> None:
+    opts = UPPER_MOUNT_OPTIONS.get(fstype) if options is None else options
+    sh(g, ["mkdir", "-p", dirs.fs_mount, dirs.target])
+    sh(g, ["mount", "-t", fstype, *(["-o", opts] if opts else []), device, dirs.fs_mount])
+
+
+def umount_upper(g: Runs, dirs: OverlayDirs) -> Outcome:
+    return syscall(g, "umount", dirs.fs_mount)
+
+
+def make_overlay_dirs(g: Runs, dirs: OverlayDirs) -> None:
+    sh(g, ["mkdir", "-p", dirs.lower, dirs.upper, dirs.work])
+    sh(g, ["sh", "-c", 'echo lower > "$1/from-lower"', "sh", dirs.lower])
+
+
+def new_upper(g: Runs, device: str, fstype: str, dirs: OverlayDirs,
+              options: str | None = None) -> None:
+    """A freshly made upper fs on ``device``, mounted with the suite's options, and the dirs."""
+    umount_all(g, dirs)
+    mkfs(g, device, fstype)
+    mount_upper(g, device, fstype, dirs, options)
+    make_overlay_dirs(g, dirs)
+
+
+def remount_upper(g: Runs, device: str, fstype: str, dirs: OverlayDirs,
+                  options: str | None = None) -> Outcome:
+    """umount and mount the upper fs again (a new superblock instance)."""
+    out = umount_upper(g, dirs)
+    if out.ok:
+        mount_upper(g, device, fstype, dirs, options)
+    return out
+
+
+def write_file(g: Runs, path: str, text: str) -> None:
+    sh(g, ["sh", "-c", 'printf %s "$2" > "$1"', "sh", path, text])
+
+
+def read_file(g: Runs, path: str) -> str | None:
+    res = g.run(["cat", "--", path])
+    return res.stdout if res.exit_status == 0 else None
+
+
+def remove_tree(g: Runs, path: str) -> None:
+    sh(g, ["rm", "-rf", "--", path])
+
+
+def pwrite(g: Runs, path: str, size: str = "1m", pattern: int = 0xcd, *, create: bool = False):
+    """``xfs_io pwrite 0 SIZE``: without ``create`` an in-place overwrite (no O_TRUNC, no size change)."""
+    return sh(g, ["xfs_io", *(["-f"] if create else []), "-c",
+                  f"pwrite -q -S {pattern:#04x} 0 {size}", path])
+
+
+def force_writeback(g: Runs, upper_file: str) -> Outcome:
+    """Write back a file's dirty data with sync_file_range(WAIT_BEFORE|WRITE|WAIT_AFTER).
+
+    Called on the *upper* file, so the error it reports is this file's only:
+    the upper superblock's error stays unseen (no syncfs consumed it).
+    """
+    return syscall(g, "sync_file_range", upper_file)
+
+
+def syncfs(g: Runs, path: str) -> Outcome:
+    return syscall(g, "syncfs", path)
+
+
+def fsync(g: Runs, path: str) -> Outcome:
+    return syscall(g, "fsync", path)
+
+
+def quiesce(g: Runs, mountpoint: str) -> None:
+    """Sync a filesystem and let it go idle: fsfreeze then thaw.
+
+    Freezing writes everything back, checkpoints ext4's journal and covers the
+    xfs log, so nothing but new data is written afterwards.
+    """
+    sh(g, ["fsfreeze", "--freeze", mountpoint])
+    sh(g, ["fsfreeze", "--unfreeze", mountpoint])
+
+
+def reload_overlay_module(g: Runs):
+    """``rmmod overlay; modprobe overlay``: the result of the pair (exit 0 when both worked)."""
+    return g.run(["sh", "-c", "rmmod overlay && modprobe overlay"])
+
+
+def reboot(guest) -> float:
+    """Reboot ``guest`` (a :class:`vm.guest.Guest`) keeping its disks; seconds it took."""
+    start = time.monotonic()
+    guest.reboot()
+    return time.monotonic() - start
+
+
+def parse_getfattr(text: str) -> dict[str, bytes]:
+    """``getfattr -d -m - -e hex`` output -> {name: value} (an empty value has no ``=``)."""
+    found: dict[str, bytes] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, _, value = line.partition("=")
+        if value.startswith("0x"):
+            found[name] = bytes.fromhex(value[2:])
+        elif len(value) >= 2 and value[0] == value[-1] == '"':
+            found[name] = value[1:-1].encode()
+        else:
+            found[name] = value.encode()
+    return found
+
+
+def xattrs(g: Runs, path: str) -> dict[str, bytes]:
+    res = g.run(["getfattr", "--absolute-names", "-d", "-m", "-", "-e", "hex", path])
+    if res.exit_status != 0:
+        raise RuntimeError(f"getfattr {path} exited {res.exit_status}: {res.stderr.strip()}")
+    return parse_getfattr(res.stdout)
+
+
+def checkpoint(g: Runs, dirs: OverlayDirs) -> bytes | None:
+    """The ``trusted.overlay.volatile`` checkpoint of the volatile dir, or None."""
+    if not exists(g, dirs.volatile_dir):
+        return None
+    return xattrs(g, dirs.volatile_dir).get(CHECKPOINT_XATTR)
+
+
+def fs_damage(lines: Iterable[str]) -> list[str]:
+    return [ln for ln in lines if FS_DAMAGE.search(ln)]
+
+
+# === expected outcomes, as data ================================================
+
+OUTCOMES = ("OK", "EINVAL", "EIO")
+#: checks a step may ask for once it succeeded (see RowRun.checks)
+CHECKS = ("dirty", "checkpoint", "files")
+
+
+def base_variant(variant: str) -> str:
+    """``patched-debug`` -> ``patched``: the debug builds share the expectations."""
+    return variant[: -len("-debug")] if variant.endswith("-debug") else variant
+
+
+@dataclass(frozen=True)
+class StepExpectation:
+    step: str
+    expect: str                       # "OK", "EINVAL", "EIO"
+    log: tuple[str, ...] = ()         # kernel log lines (substrings) that must appear
+    then: tuple[str, ...] = ()        # checks once it succeeded
+
+
+@dataclass(frozen=True)
+class RowExpectation:
+    row: str
+    variant: str
+    behaviour: str
+    steps: tuple[StepExpectation, ...]
+
+    @property
+    def headline(self) -> str:
+        return self.steps[-1].expect if self.steps else "?"
+
+
+class ExpectationError(ValueError):
+    pass
+
+
+class Expectations:
+    """The expectations table (``tests/scenarios/expectations.json``)."""
+
+    def __init__(self, data: Mapping, source: str = "<data>") -> None:
+        self.data = data
+        self.source = source
+        self.messages: dict[str, str] = dict(data.get("messages", {}))
+        self.filesystems: tuple[str, ...] = tuple(data.get("filesystems", FILESYSTEMS))
+        self.variants: dict[str, dict] = {k: dict(v) for k, v in data["variants"].items()}
+        self.rows: dict[str, dict] = {k: dict(v) for k, v in data["rows"].items()}
+        self.validate()
+
+    @classmethod
+    def load(cls, path: Path | str) -> "Expectations":
+        path = Path(path)
+        return cls(json.loads(path.read_text()), str(path))
+
+    @property
+    def row_ids(self) -> list[str]:
+        return list(self.rows)
+
+    def _step(self, row: str, behaviour: str, raw: Mapping) -> StepExpectation:
+        unknown = set(raw) - {"step", "expect", "log", "then", "why"}
+        if unknown:
+            raise ExpectationError(f"{self.source}: {row}/{behaviour}: unknown keys {sorted(unknown)}")
+        expect = raw["expect"]
+        if expect not in OUTCOMES:
+            raise ExpectationError(f"{self.source}: {row}/{behaviour}/{raw['step']}: "
+                                   f"outcome {expect!r} is not one of {OUTCOMES}")
+        log = tuple(self.messages.get(m, m) for m in raw.get("log", ()))
+        if expect != "OK" and raw["step"].startswith(("mount", "remount")) and not log:
+            raise ExpectationError(f"{self.source}: {row}/{behaviour}/{raw['step']}: a failing "
+                                   "mount must name the kernel log line that explains it")
+        then = tuple(raw.get("then", ()))
+        bad = [c for c in then if c not in CHECKS]
+        if bad:
+            raise ExpectationError(f"{self.source}: {row}/{behaviour}: unknown checks {bad}")
+        return StepExpectation(raw["step"], expect, log, then)
+
+    def behaviour_of(self, row: str, variant: str) -> str:
+        name = base_variant(variant)
+        try:
+            spec = self.variants[name]
+        except KeyError:
+            raise ExpectationError(f"{self.source}: no expectations for kernel variant {variant!r} "
+                                   f"(known: {', '.join(self.variants)})") from None
+        return spec.get("except", {}).get(row, spec["behaves_as"])
+
+    def get(self, row: str, variant: str) -> RowExpectation:
+        if row not in self.rows:
+            raise ExpectationError(f"{self.source}: no row {row!r}")
+        behaviour = self.behaviour_of(row, variant)
+        try:
+            raw_steps = self.rows[row][behaviour]
+        except KeyError:
+            raise ExpectationError(f"{self.source}: row {row!r} has no {behaviour!r} column "
+                                   f"(needed by variant {variant!r})") from None
+        steps = tuple(self._step(row, behaviour, s) for s in raw_steps)
+        return RowExpectation(row, variant, behaviour, steps)
+
+    def validate(self) -> None:
+        for name, spec in self.variants.items():
+            if "behaves_as" not in spec:
+                raise ExpectationError(f"{self.source}: variant {name!r} has no behaves_as")
+        for row in self.rows:
+            if row.startswith("_"):
+                continue
+            for variant in self.variants:
+                exp = self.get(row, variant)
+                if not exp.steps:
+                    raise ExpectationError(f"{self.source}: {row}/{exp.behaviour} has no steps")
+
+
+class ExpectationFailed(AssertionError):
+    pass
+
+
+@dataclass
+class StepResult:
+    step: str
+    actual: str
+    expected: str
+    ok: bool
+    detail: str = ""
+
+
+class RowRun:
+    """Walks a row's expected steps as the scenario performs them.
+
+    ``step(name, outcome, log=...)`` compares one outcome (and, for a failure,
+    the kernel log lines that must explain it) with the table and raises
+    :class:`ExpectationFailed` naming the row, the step, what happened and what
+    was expected.  ``checks`` maps a check name of the table's ``then`` to a
+    callable returning ``None`` (fine) or what is wrong.
+    """
+
+    def __init__(self, expectation: RowExpectation, fs: str,
+                 checks: Mapping[str, Callable[[], str | None]] | None = None) -> None:
+        self.exp = expectation
+        self.fs = fs
+        self.checks = dict(checks or {})
+        self.results: list[StepResult] = []
+        self.index = 0
+        self.failure: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.exp.row}[{self.fs}-{self.exp.variant}]"
+
+    def fail(self, text: str) -> ExpectationFailed:
+        self.failure = f"{self.label}: {text}"
+        return ExpectationFailed(self.failure)
+
+    def step(self, name: str, outcome: Outcome | str, log: Iterable[str] = ()) -> Outcome | str:
+        __tracebackhide__ = True   # pytest: the failure message says it all
+        actual = str(outcome)
+        log = list(log)
+        if self.index >= len(self.exp.steps):
+            self.results.append(StepResult(name, actual, "-", False))
+            raise self.fail(f"{name} returned {actual}, but the table ({self.exp.behaviour}) "
+                            f"expects no step after {self.exp.steps[-1].step!r}")
+        want = self.exp.steps[self.index]
+        self.index += 1
+        if want.step != name:
+            self.results.append(StepResult(name, actual, want.expect, False))
+            raise self.fail(f"the scenario ran step {name!r} where the table expects "
+                            f"{want.step!r} (harness bug)")
+        tail = _log_tail(log)
+        if actual != want.expect:
+            self.results.append(StepResult(name, actual, want.expect, False, tail))
+            raise self.fail(f"{name} returned {actual}, expected {want.expect} (log: {tail})")
+        missing = [m for m in want.log if not any(m in ln for ln in log)]
+        if missing:
+            self.results.append(StepResult(name, actual, want.expect, False, tail))
+            raise self.fail(f"{name} returned {actual} as expected, but the kernel log lacks "
+                            f"{' and '.join(repr(m) for m in missing)} (log: {tail})")
+        for check in want.then:
+            func = self.checks.get(check)
+            problem = f"no check {check!r} in this scenario (harness bug)" if func is None else func()
+            if problem:
+                self.results.append(StepResult(name, actual, want.expect, False, problem))
+                raise self.fail(f"{name} returned {actual} as expected, but {problem}")
+        self.results.append(StepResult(name, actual, want.expect, True))
+        return outcome
+
+    def finish(self) -> None:
+        __tracebackhide__ = True
+        if self.index < len(self.exp.steps):
+            left = ", ".join(s.step for s in self.exp.steps[self.index:])
+            raise self.fail(f"the scenario ended before the table's steps {left}")
+
+    @property
+    def actual_headline(self) -> str:
+        if not self.results:
+            return "-"
+        for r in self.results:
+            if not r.ok:
+                return r.actual
+        return self.results[-1].actual
+
+
+def _log_tail(lines: list[str], count: int = 4) -> str:
+    interesting = [ln.strip() for ln in lines
+                   if any(k in ln for k in ("overlay", "volatile", "EXT4", "XFS", "I/O error"))]
+    picked = (interesting or [ln.strip() for ln in lines])[-count:]
+    return " | ".join(picked) if picked else "nothing logged"
+
+
+def parse_scenarios_md(text: str) -> list[str]:
+    """Row ids of the behaviour table in SCENARIOS.md (first column after the ``id`` header)."""
+    ids: list[str] = []
+    in_table = False
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not line.lstrip().startswith("|"):
+            in_table = False
+            continue
+        if cells and cells[0] == "id":
+            in_table = True
+            continue
+        if in_table and cells and not set(cells[0]) <= set("-: "):
+            ids.append(cells[0].strip("`"))
+    return ids

@@ -63,8 +63,8 @@ def test_detached_guest_is_found_and_stopped(baseline_kernel, guest_image, setti
     g = guest_mod.Guest.boot(guest_mod.plan(settings, baseline_kernel, guest_image, run_dir), detach=True)
     try:
         found = guest_mod.attach(run_dir)
-        assert found.pid == g.pid and found.release == baseline_kernel.release
-        with found.connection() as conn:
+        assert found.pid == g.pid and found.plan.kernel_release == baseline_kernel.release
+        with found.conn as conn:
             assert conn.run(["uname", "-r"], check=True).stdout.strip() == baseline_kernel.release
         assert found.stop()
         assert qemu_pids(run_dir) == []

@@ -1,0 +1,256 @@
+"""The expectations table (tests/scenarios/expectations.json) and the step checker."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from vm import scenario
+from vm.scenario import Expectations, ExpectationFailed, Outcome, RowRun
+from vm.ssh import FakeConnection
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[2]
+TABLE = ROOT / "tests" / "scenarios" / "expectations.json"
+SCENARIOS_MD = [ROOT.parent / "shared" / "SCENARIOS.md", Path("/work/shared/SCENARIOS.md")]
+VARIANTS = ["baseline", "prefix-1", "prefix-2", "prefix-3", "patched"]
+
+
+@pytest.fixture(scope="module")
+def table() -> Expectations:
+    return Expectations.load(TABLE)
+
+
+def _scenarios_md() -> Path | None:
+    return next((p for p in SCENARIOS_MD if p.is_file()), None)
+
+
+def test_table_covers_every_row_of_scenarios_md(table):
+    path = _scenarios_md()
+    if path is None:
+        pytest.skip("SCENARIOS.md not found next to the repository")
+    rows = scenario.parse_scenarios_md(path.read_text())
+    assert len(rows) >= 10, f"could not parse the behaviour table of {path}: {rows}"
+    assert table.row_ids == rows, "rows of expectations.json must be SCENARIOS.md's, in its order"
+
+
+@pytest.mark.parametrize("label", VARIANTS + [v + "-debug" for v in VARIANTS])
+def test_every_variant_has_an_expectation_for_every_row(table, label):
+    for row in table.row_ids:
+        exp = table.get(row, label)
+        assert exp.steps and exp.headline in scenario.OUTCOMES
+
+
+def test_unknown_variant_is_an_error(table):
+    with pytest.raises(scenario.ExpectationError, match="no expectations for kernel variant"):
+        table.get("fresh-volatile", "prefix-9")
+
+
+def test_both_filesystems(table):
+    assert table.filesystems == ("ext4", "xfs")
+
+
+def test_patch_level_expectations(table):
+    for row in table.row_ids:
+        base = table.get(row, "baseline").steps
+        assert table.get(row, "prefix-1").steps == base, f"{row}: prefix-1 must behave as B"
+        assert table.get(row, "prefix-2").steps == base, f"{row}: prefix-2 must behave as B"
+        patched = table.get(row, "patched")
+        prefix3 = table.get(row, "prefix-3")
+        if row == "wb-error-seen":
+            assert patched.headline == "EINVAL" and prefix3.headline == "OK", \
+                "without patch 4 wb-error-seen comes out OK: the hole patch 4 closes"
+        else:
+            assert prefix3.steps == patched.steps, f"{row}: prefix-3 must behave as P"
+
+
+def test_headlines_match_scenarios_md(table):
+    # the P and B columns of SCENARIOS.md, by the outcome of each row's deciding step
+    p = {"fresh-volatile": "OK", "volatile-to-volatile": "OK", "volatile-to-nonvolatile": "EINVAL",
+         "nonvolatile-to-volatile": "OK", "nonvolatile-to-nonvolatile": "OK",
+         "upper-remounted": "EINVAL", "module-reloaded": "EINVAL", "rebooted": "EINVAL",
+         "wb-error-unseen": "EIO", "wb-error-seen": "EINVAL", "fsync-after-wb-error": "EIO",
+         "manual-cleanup": "OK", "chained-reuse": "OK"}
+    b = dict(p, **{"volatile-to-volatile": "EINVAL", "chained-reuse": "EINVAL"})
+    assert {r: table.get(r, "patched").headline for r in table.row_ids} == p
+    assert {r: table.get(r, "baseline").headline for r in table.row_ids} == b
+
+
+def test_failing_mounts_name_their_log_line(table):
+    for row in table.row_ids:
+        for variant in ("baseline", "patched", "prefix-3"):
+            for step in table.get(row, variant).steps:
+                if step.step.startswith(("mount", "remount")) and step.expect != "OK":
+                    assert step.log, f"{row}/{variant}/{step.step}"
+                    if variant == "baseline":
+                        assert step.log[0] in (scenario.INCOMPAT_MSG, scenario.UNSEEN_MSG)
+                    elif step.expect == "EINVAL":
+                        assert step.log[0].startswith("volatile reuse refused: "), \
+                            f"{row}: P names the check that refused"
+
+
+def test_every_row_has_a_scenario(table):
+    spec = importlib.util.spec_from_file_location(
+        "scenario_rows", ROOT / "tests" / "scenarios" / "test_scenarios.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert set(module.ROWS) == set(table.row_ids)
+
+
+def test_bad_table_is_rejected():
+    data = {"variants": {"baseline": {"behaves_as": "B"}},
+            "rows": {"r": {"B": [{"step": "remount volatile", "expect": "EINVAL"}]}}}
+    with pytest.raises(scenario.ExpectationError, match="must name the kernel log line"):
+        Expectations(data)
+    data["rows"]["r"]["B"][0].update(expect="ENOENT", log=["x"])
+    with pytest.raises(scenario.ExpectationError, match="is not one of"):
+        Expectations(data)
+    data["rows"]["r"] = {"P": [{"step": "mount volatile", "expect": "OK"}]}
+    with pytest.raises(scenario.ExpectationError, match="has no 'B' column"):
+        Expectations(data)
+
+
+# --- RowRun ----------------------------------------------------------------------------
+
+def _run(table, row="volatile-to-volatile", variant="patched", fs="xfs", checks=None):
+    return RowRun(table.get(row, variant), fs, checks or {"files": lambda: None,
+                                                        "dirty": lambda: None,
+                                                        "checkpoint": lambda: None})
+
+
+EINVAL = Outcome(22, "errno=22 EINVAL: Invalid argument")
+
+
+def test_rowrun_passes_the_expected_steps(table):
+    run = _run(table)
+    run.step("mount volatile", scenario.OK)
+    run.step("remount volatile", scenario.OK)
+    run.finish()
+    assert [(r.step, r.actual, r.ok) for r in run.results] == [
+        ("mount volatile", "OK", True), ("remount volatile", "OK", True)]
+    assert run.actual_headline == "OK"
+
+
+def test_rowrun_names_the_broken_expectation(table):
+    run = _run(table)
+    run.step("mount volatile", scenario.OK)
+    log = ["[1.0] overlayfs: volatile reuse refused: instance id changed, upper fs was unmounted",
+           "[1.0] overlayfs: overlay with incompat feature 'volatile' cannot be mounted"]
+    with pytest.raises(ExpectationFailed) as err:
+        run.step("remount volatile", EINVAL, log)
+    text = str(err.value)
+    assert text.startswith("volatile-to-volatile[xfs-patched]: remount volatile returned EINVAL, "
+                           "expected OK (log: ")
+    assert "instance id changed" in text
+    assert run.actual_headline == "EINVAL" and run.failure == text
+
+
+def test_rowrun_requires_the_log_line(table):
+    run = _run(table, "upper-remounted")
+    run.step("mount volatile", scenario.OK)
+    with pytest.raises(ExpectationFailed, match="the kernel log lacks 'volatile reuse refused: "
+                                                "instance id changed'"):
+        run.step("remount volatile", EINVAL, ["overlayfs: overlay with incompat feature "
+                                              "'volatile' cannot be mounted"])
+    run = _run(table, "upper-remounted")
+    run.step("mount volatile", scenario.OK)
+    run.step("remount volatile", EINVAL,
+             ["[2.5] overlayfs: volatile reuse refused: instance id changed, upper fs was unmounted"])
+    run.finish()
+
+
+def test_rowrun_runs_the_checks_the_table_asks_for(table):
+    called = []
+    run = _run(table, "fresh-volatile", checks={
+        "dirty": lambda: called.append("dirty"),
+        "checkpoint": lambda: "trusted.overlay.volatile is not set on work/incompat/volatile"})
+    with pytest.raises(ExpectationFailed, match="returned OK as expected, but trusted.overlay.volatile "
+                                                "is not set"):
+        run.step("mount volatile", scenario.OK)
+    assert called == ["dirty"]
+
+
+def test_rowrun_reports_missing_and_unexpected_steps(table):
+    run = _run(table)
+    run.step("mount volatile", scenario.OK)
+    with pytest.raises(ExpectationFailed, match="ended before the table's steps remount volatile"):
+        run.finish()
+    run = _run(table)
+    with pytest.raises(ExpectationFailed, match="ran step 'remount plain' where the table expects "
+                                                "'mount volatile'"):
+        run.step("remount plain", scenario.OK)
+    run = _run(table, "fresh-volatile")
+    run.step("mount volatile", scenario.OK)
+    with pytest.raises(ExpectationFailed, match="expects no step after"):
+        run.step("remount volatile", scenario.OK)
+
+
+def test_debug_variant_label(table):
+    run = _run(table, variant="patched-debug", fs="ext4")
+    assert run.label == "volatile-to-volatile[ext4-patched-debug]"
+
+
+# --- small parsers ----------------------------------------------------------------------
+
+def test_parse_scenarios_md():
+    text = ("intro\n\n| id | steps | P | B |\n|----|-------|---|---|\n"
+            "| fresh-volatile | mount | OK | OK |\n| `x-y` | a \\| b | EIO | EIO |\n\nafter\n"
+            "| other | table |\n")
+    assert scenario.parse_scenarios_md(text) == ["fresh-volatile", "x-y"]
+
+
+def test_parse_getfattr():
+    out = ("# file: /mnt/upperfs/work/work/incompat/volatile\n"
+           "trusted.overlay.volatile=0x0102ff\n"
+           'user.text="abc"\nuser.empty\n\n')
+    assert scenario.parse_getfattr(out) == {"trusted.overlay.volatile": b"\x01\x02\xff",
+                                            "user.text": b"abc", "user.empty": b""}
+
+
+def test_fs_damage_spots_journal_abort_and_shutdown_only():
+    lines = ["EXT4-fs warning (device dm-0): ext4_end_bio:353: I/O error 10 writing to inode 14",
+             "Buffer I/O error on device dm-0, logical block 33024",
+             "dm-0: writeback error on inode 524419, offset 0, sector 524480",
+             "Aborting journal on device dm-0-8.",
+             "XFS (dm-0): log I/O error -5",
+             "XFS (dm-0): Filesystem has been shut down due to log error (0x2)."]
+    assert scenario.fs_damage(lines) == lines[3:]
+
+
+# --- step helpers the suite uses ----------------------------------------------------------
+
+def test_new_upper_mounts_with_the_suite_options():
+    fake = FakeConnection()
+    scenario.new_upper(fake, "/dev/mapper/ovl-flakey", "ext4", scenario.OverlayDirs())
+    assert "mkfs.ext4 -q -F /dev/mapper/ovl-flakey" in fake.calls
+    assert ("mount -t ext4 -o lazytime,noinit_itable /dev/mapper/ovl-flakey /mnt/upperfs"
+            in fake.calls)
+
+
+def test_injection_helpers_send_the_exact_commands():
+    fake = FakeConnection()
+    fake.expect("/usr/local/bin/ovl-syscall sync_file_range", 1, "errno=5 EIO: Input/output error\n")
+    scenario.pwrite(fake, "/mnt/ovl/victim", "1m", 0x11, create=True)
+    scenario.quiesce(fake, "/mnt/upperfs")
+    scenario.pwrite(fake, "/mnt/ovl/victim", "1m", 0x22)
+    assert scenario.force_writeback(fake, "/mnt/upperfs/upper/victim") == "EIO"
+    assert fake.calls == [
+        "xfs_io -f -c 'pwrite -q -S 0x11 0 1m' /mnt/ovl/victim",
+        "fsfreeze --freeze /mnt/upperfs",
+        "fsfreeze --unfreeze /mnt/upperfs",
+        "xfs_io -c 'pwrite -q -S 0x22 0 1m' /mnt/ovl/victim",
+        "/usr/local/bin/ovl-syscall sync_file_range /mnt/upperfs/upper/victim",
+    ]
+
+
+def test_checkpoint_reads_the_trusted_xattr():
+    fake = FakeConnection()
+    fake.expect("getfattr", 0, "# file: /mnt/upperfs/work/work/incompat/volatile\n"
+                               "trusted.overlay.volatile=0x00112233\n")
+    assert scenario.checkpoint(fake, scenario.OverlayDirs()) == bytes.fromhex("00112233")
+    assert fake.calls[-1] == ("getfattr --absolute-names -d -m - -e hex "
+                              "/mnt/upperfs/work/work/incompat/volatile")
+    fake = FakeConnection()
+    fake.expect("test -e", 1)
+    assert scenario.checkpoint(fake, scenario.OverlayDirs()) is None

@@ -1,0 +1,219 @@
+"""The scenario matrix: (row, fs, variant) -> actual, expected, pass/fail.
+
+Scenario tests record into a :class:`Matrix` (see tests/scenarios/conftest.py);
+at the end of the session it is rendered with Jinja2 to ``matrix.md`` and
+``matrix.html`` in the results directory, and the Markdown is printed.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import jinja2
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+
+PASS, FAIL, ERROR, SKIPPED, NOT_RUN = "pass", "fail", "error", "skipped", "not run"
+
+
+@dataclass
+class Step:
+    step: str
+    actual: str
+    expected: str
+    ok: bool
+    detail: str = ""
+
+
+@dataclass
+class Case:
+    """One scenario run: a row of SCENARIOS.md on one filesystem and kernel variant."""
+
+    nodeid: str
+    row: str
+    fs: str
+    variant: str
+    expected: str = "?"
+    actual: str = "-"
+    behaviour: str = ""
+    status: str = NOT_RUN
+    message: str = ""
+    steps: list[Step] = field(default_factory=list)
+    duration: float = 0.0
+
+    @property
+    def label(self) -> str:
+        return f"{self.row}[{self.fs}-{self.variant}]"
+
+    @property
+    def short_message(self) -> str:
+        prefix = f"{self.label}: "
+        return self.message[len(prefix):] if self.message.startswith(prefix) else self.message
+
+    @property
+    def cell(self) -> str:
+        """Short text for a matrix cell."""
+        if self.status == PASS:
+            return f"✓ {self.actual}"
+        if self.status == FAIL:
+            if self.actual not in ("-", self.expected):
+                return f"✗ {self.actual} (expected {self.expected})"
+            return f"✗ {self.actual} (see failures)"
+        if self.status == ERROR:
+            return "✗ error"
+        return f"– {self.status}"
+
+
+@dataclass
+class VariantTime:
+    seconds: float = 0.0     # setup + call + teardown of its scenarios (boots included)
+    boot_seconds: float = 0.0
+    first: float | None = None
+    last: float | None = None
+
+    @property
+    def wall(self) -> float | None:
+        if self.first is None or self.last is None:
+            return None
+        return self.last - self.first
+
+
+class Matrix:
+    def __init__(self, rows: Iterable[str] = (), filesystems: Iterable[str] = ()) -> None:
+        self.row_order = list(rows)
+        self.fs_order = list(filesystems)
+        self.cases: dict[str, Case] = {}
+        self.times: dict[str, VariantTime] = {}
+        self.results_dir: Path | None = None
+        self.started = _dt.datetime.now().replace(microsecond=0)
+
+    # --- collecting --------------------------------------------------------
+    def add_case(self, nodeid: str, row: str, fs: str, variant: str) -> Case:
+        case = self.cases.get(nodeid)
+        if case is None:
+            case = self.cases[nodeid] = Case(nodeid, row, fs, variant)
+        if row not in self.row_order:
+            self.row_order.append(row)
+        if fs not in self.fs_order:
+            self.fs_order.append(fs)
+        self.times.setdefault(variant, VariantTime())
+        return case
+
+    def record(self, nodeid: str, *, expected: str, actual: str, behaviour: str = "",
+               steps: Iterable = (), message: str = "") -> Case:
+        case = self.cases[nodeid]
+        case.expected, case.actual, case.behaviour = expected, actual, behaviour
+        case.steps = [s if isinstance(s, Step) else Step(s.step, s.actual, s.expected, s.ok,
+                                                          getattr(s, "detail", ""))
+                      for s in steps]
+        if message:
+            case.message = message
+        return case
+
+    def report(self, nodeid: str, when: str, outcome: str, duration: float,
+               message: str = "", start: float | None = None, stop: float | None = None) -> None:
+        """Feed one pytest report phase (setup/call/teardown) of a registered case."""
+        case = self.cases.get(nodeid)
+        if case is None:
+            return
+        case.duration += duration
+        t = self.times.setdefault(case.variant, VariantTime())
+        t.seconds += duration
+        if start is not None:
+            t.first = start if t.first is None else min(t.first, start)
+        if stop is not None:
+            t.last = stop if t.last is None else max(t.last, stop)
+        if when == "call":
+            if outcome == "passed":
+                case.status = PASS
+            elif outcome == "failed":
+                case.status = FAIL
+                case.message = case.message or message
+            elif outcome == "skipped":
+                case.status = SKIPPED
+                case.message = message
+        elif outcome == "failed":       # setup or teardown broke
+            if case.status in (NOT_RUN, PASS):
+                case.status = ERROR
+                case.message = f"{when}: {message}"
+        elif outcome == "skipped" and when == "setup":
+            case.status, case.message = SKIPPED, message
+
+    def add_boot(self, variant: str, seconds: float) -> None:
+        self.times.setdefault(variant, VariantTime()).boot_seconds += seconds
+
+    # --- views -------------------------------------------------------------
+    @property
+    def variants(self) -> list[str]:
+        seen: list[str] = []
+        for case in self.cases.values():
+            if case.variant not in seen:
+                seen.append(case.variant)
+        return seen
+
+    @property
+    def columns(self) -> list[tuple[str, str]]:
+        present = {(c.variant, c.fs) for c in self.cases.values()}
+        return [(v, fs) for v in self.variants for fs in self.fs_order if (v, fs) in present]
+
+    @property
+    def rows(self) -> list[str]:
+        present = {c.row for c in self.cases.values()}
+        return [r for r in self.row_order if r in present]
+
+    def cell(self, row: str, variant: str, fs: str) -> Case | None:
+        for case in self.cases.values():
+            if (case.row, case.variant, case.fs) == (row, variant, fs):
+                return case
+        return None
+
+    def counts(self, variant: str | None = None) -> dict[str, int]:
+        out = {PASS: 0, FAIL: 0, ERROR: 0, SKIPPED: 0, NOT_RUN: 0}
+        for case in self.cases.values():
+            if variant is None or case.variant == variant:
+                out[case.status] += 1
+        return out
+
+    @property
+    def failures(self) -> list[Case]:
+        return [c for c in self.cases.values() if c.status in (FAIL, ERROR)]
+
+    # --- rendering -----------------------------------------------------------
+    def _env(self, autoescape: bool) -> jinja2.Environment:
+        env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+                                 autoescape=autoescape, trim_blocks=True, lstrip_blocks=True,
+                                 keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
+        env.filters["md"] = _md_cell
+        env.filters["secs"] = lambda s: "-" if s is None else f"{s:.1f}"
+        return env
+
+    def _context(self) -> dict:
+        return {"m": self, "rows": self.rows, "columns": self.columns, "variants": self.variants,
+                "times": self.times, "failures": self.failures, "total": self.counts(),
+                "started": self.started.isoformat(sep=" ")}
+
+    def render_markdown(self) -> str:
+        return self._env(False).get_template("matrix.md.j2").render(**self._context())
+
+    def render_html(self) -> str:
+        return self._env(True).get_template("matrix.html.j2").render(**self._context())
+
+    def write(self, directory: Path) -> tuple[Path, Path]:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        written = []
+        for name, text in (("matrix.md", self.render_markdown()), ("matrix.html", self.render_html())):
+            path = directory / name
+            tmp = path.with_suffix(path.suffix + ".tmp")
+            tmp.write_text(text)
+            tmp.replace(path)
+            written.append(path)
+        return written[0], written[1]
+
+
+def _md_cell(text: object) -> str:
+    """Make text safe inside one Markdown table cell."""
+    return " ".join(str(text).split()).replace("|", "\\|")
