@@ -142,8 +142,9 @@ def stop(c):
 @harness_task(help={"variants": "kernels to run the scenarios on (default: baseline,patched)",
                     "keep_vm": "leave the last guest running after the run",
                     "k": "pytest -k expression", "debug": "use the debug-config kernels",
-                    "source": "kernel source (see `invoke fetch --help`)"})
-def test(c, variants="baseline,patched", keep_vm=False, k=None, debug=False, source=None):
+                    "source": "kernel source (see `invoke fetch --help`)",
+                    "rows_for": "VARIANT=ROW,ROW;...: run only these rows on that variant"})
+def test(c, variants="baseline,patched", keep_vm=False, k=None, debug=False, source=None, rows_for=None):
     """Run the scenario suite on booted guests (building what is missing)."""
     s = settings_of(c)
     tree = pipeline.get_tree(s, source)
@@ -155,6 +156,9 @@ def test(c, variants="baseline,patched", keep_vm=False, k=None, debug=False, sou
     args += ["--image", str(img.path)]
     if keep_vm:
         args.append("--keep-vm")
+    for limit in (rows_for or "").split(";"):
+        if limit.strip():
+            args += ["--rows-for", limit.strip()]
     if k:
         args += ["-k", k]
     _pytest(s, ["tests/scenarios", *args], "scenarios")
@@ -199,6 +203,33 @@ def unit(c):
     _pytest(settings_of(c), ["tests/unit", "-m", "unit"], "unit")
 
 
+@harness_task(help={"source": "kernel source (see `invoke fetch --help`)"})
+def mutation(c, source=None):
+    """Break the series on purpose (drop patch 4, the errseq check) and show that
+    exactly the rows that depend on it fail against the full series' expectations."""
+    from vm import junit
+
+    s = settings_of(c)
+    tree = pipeline.get_tree(s, source)
+    n = len(pipeline.series(s))
+    broken = pipeline.build_kernel(s, pipeline.Variant(f"prefix-{n - 1}", n - 1), tree)
+    img = pipeline.guest_image(s)
+    out = s.results_dir / "mutation"
+    out.mkdir(parents=True, exist_ok=True)
+    xml = out / "scenarios.xml"
+    res = runner.run([sys.executable, "-m", "pytest", "tests/scenarios/test_scenarios.py",
+                      "--kernel", f"{pipeline.PATCHED}={broken.build_dir}", "--image", str(img.path),
+                      f"--junitxml={xml}", "-q"],
+                     cwd=ROOT, capture=False, check=False, env={"INVOKE_OVL_RESULTS_DIR": str(out)})
+    failed = sorted(name for name, outcome in junit.outcomes(xml).items() if outcome == "failed")
+    expected = sorted(f"test_row[{row}-{fs}-{pipeline.PATCHED}]" for row in c.config.ovl.mutation_rows
+                      for fs in ("ext4", "xfs"))
+    print(f"series without its last patch, judged as the full series: {len(failed)} failed: {failed}")
+    if res.returncode == 0 or failed != expected:
+        raise Exit(f"mutation check: expected exactly {expected} to fail, got {failed}", code=1)
+    print("mutation check passed: exactly the rows that need the errseq check went red")
+
+
 @harness_task(help={"full": "also run the full tier (see README)"})
 def ci(c, full=False):
     """The test command: unit tests, lint, every series prefix built, scenarios on booted guests."""
@@ -207,11 +238,18 @@ def ci(c, full=False):
         unit(c)
     with runner.phase("lint"):
         lint(c)
-    variants = [v.label for v in pipeline.prefix_variants(s)]
-    variants.append("patched-debug")
-    with runner.phase(f"scenarios on {', '.join(variants)}"):
-        test(c, variants=",".join(variants))
+    every = [v.label for v in pipeline.prefix_variants(s)] + [f"{pipeline.PATCHED}-debug"]
+    with runner.phase(f"build every series prefix and the debug kernel ({', '.join(every)})"):
+        build(c, variants=",".join(every))
+    tier = "ci_full" if full else "ci"
+    variants = list(c.config.ovl[f"{tier}_variants"])
+    rows_for = ";".join(f"{v}={','.join(rows)}" for v, rows in dict(c.config.ovl[f"{tier}_rows_for"]).items())
+    with runner.phase(f"scenarios ({tier}) on {', '.join(variants)}"):
+        test(c, variants=",".join(variants), rows_for=rows_for or None)
+    if full:
+        with runner.phase("mutation check (series without the errseq patch)"):
+            mutation(c)
 
 
-ns = Collection(setup, fetch, build, image, boot, ssh, stop, test, unit, lint, cover_letter, ci)
+ns = Collection(setup, fetch, build, image, boot, ssh, stop, test, unit, lint, cover_letter, mutation, ci)
 ns.configure({"ovl": {}})

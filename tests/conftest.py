@@ -28,6 +28,9 @@ def pytest_addoption(parser):
     group.addoption("--baseline", metavar="BUILD_DIR", default=None,
                     help="shorthand for --kernel baseline=BUILD_DIR")
     group.addoption("--image", metavar="ROOTFS", default=None, help="guest rootfs.ext4 to boot")
+    group.addoption("--rows-for", action="append", default=[], metavar="VARIANT=ROW[,ROW...]",
+                    help="run only these SCENARIOS.md rows on VARIANT (the others are deselected, "
+                         "not skipped); repeatable")
     group.addoption("--keep-vm", action="store_true", default=False,
                     help="leave the guests running (detached) after the session; see `invoke ssh`")
 
@@ -42,6 +45,31 @@ def _kernel_options(config) -> dict[str, Path]:
     if config.getoption("--baseline"):
         found[pipeline.BASELINE] = Path(config.getoption("--baseline"))
     return found
+
+
+def _rows_for(config) -> dict[str, set[str]]:
+    limits: dict[str, set[str]] = {}
+    for item in config.getoption("--rows-for"):
+        variant, sep, rows = item.partition("=")
+        if not sep or not rows:
+            raise pytest.UsageError(f"--rows-for {item!r}: expected VARIANT=ROW[,ROW...]")
+        limits.setdefault(variant, set()).update(r.strip() for r in rows.split(",") if r.strip())
+    return limits
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    limits = _rows_for(config)
+    if not limits:
+        return
+    keep, drop = [], []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        rows = limits.get(params.get("variant"))
+        (drop if rows is not None and "row" in params and params["row"] not in rows else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 def pytest_generate_tests(metafunc):

@@ -36,6 +36,11 @@ class Settings:
     scratch_size_mb: int = 1024
     image_suite: str = ""
     image_packages: tuple[str, ...] = ()
+    ci_variants: tuple[str, ...] = ()
+    ci_rows_for: Any = None
+    ci_full_variants: tuple[str, ...] = ()
+    ci_full_rows_for: Any = None
+    mutation_rows: tuple[str, ...] = ()
     project_root: Path = PROJECT_ROOT
 
     @classmethod
