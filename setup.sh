@@ -40,11 +40,9 @@ else
 	echo "setup: Debian packages already installed"
 fi
 
+# Only the pinned dependencies are installed: the harness itself always runs
+# from this checkout (tasks.py and pytest put it first on sys.path).
 PY="${PYTHON:-python3}"
-if ! "$PY" -c 'import invoke, paramiko, pytest, jinja2, requests' 2>/dev/null ||
-   ! "$PY" -m pip show ovl-volatile-harness >/dev/null 2>&1; then
-	echo "setup: installing Python dependencies (pinned in pyproject.toml)"
-	PIP_ROOT_USER_ACTION=ignore "$PY" -m pip install -q --disable-pip-version-check -e .
-else
-	echo "setup: Python dependencies already installed"
-fi
+mapfile -t DEPS < <("$PY" -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))')
+echo "setup: Python dependencies (pinned in pyproject.toml): ${DEPS[*]}"
+PIP_ROOT_USER_ACTION=ignore "$PY" -m pip install -q --disable-pip-version-check "${DEPS[@]}"
