@@ -1,6 +1,5 @@
 """QEMU command lines and the accelerator choice (no guest kernel needed)."""
 
-from pathlib import Path
 
 import pytest
 
@@ -99,7 +98,7 @@ def test_choose_accel_without_dev_kvm(tmp_path, monkeypatch):
 
 
 def test_real_tcg_probe_runs_guest_code(tmp_path):
-    """Start real QEMU (TCG) on the probe boot sector: proves the probe itself works."""
+    """Start real QEMU (TCG) on the multiboot probe stub: proves the probe itself works."""
     ok, detail = qemu.run_probe(qemu.probe_argv(qemu.X86_64, "tcg", qemu.probe_image(tmp_path / "p.img")), 20)
     assert ok, detail
 
