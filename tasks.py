@@ -222,7 +222,7 @@ def mutation(c, source=None):
                       f"--junitxml={xml}", "-q"],
                      cwd=ROOT, capture=False, check=False, env={"INVOKE_OVL_RESULTS_DIR": str(out)})
     failed = sorted(name for name, outcome in junit.outcomes(xml).items() if outcome == "failed")
-    expected = sorted(f"test_row[{row}-{fs}-{pipeline.PATCHED}]" for row in c.config.ovl.mutation_rows
+    expected = sorted(f"test_row[{row}-{fs}-{pipeline.PATCHED}]" for row in s.mutation_rows
                       for fs in ("ext4", "xfs"))
     print(f"series without its last patch, judged as the full series: {len(failed)} failed: {failed}")
     if res.returncode == 0 or failed != expected:
@@ -242,8 +242,9 @@ def ci(c, full=False):
     with runner.phase(f"build every series prefix and the debug kernel ({', '.join(every)})"):
         build(c, variants=",".join(every))
     tier = "ci_full" if full else "ci"
-    variants = list(c.config.ovl[f"{tier}_variants"])
-    rows_for = ";".join(f"{v}={','.join(rows)}" for v, rows in dict(c.config.ovl[f"{tier}_rows_for"]).items())
+    variants = list(s.ci_full_variants if full else s.ci_variants)
+    limits = dict((s.ci_full_rows_for if full else s.ci_rows_for) or {})
+    rows_for = ";".join(f"{v}={','.join(rows)}" for v, rows in limits.items())
     with runner.phase(f"scenarios ({tier}) on {', '.join(variants)}"):
         test(c, variants=",".join(variants), rows_for=rows_for or None)
     if full:

@@ -64,6 +64,8 @@ class Settings:
             results_dir=results if results.is_absolute() else (root / results),
             fragments=tuple(self.fragments),
             image_packages=tuple(self.image_packages),
+            ci_variants=tuple(self.ci_variants), ci_full_variants=tuple(self.ci_full_variants),
+            mutation_rows=tuple(self.mutation_rows),
             jobs=int(self.jobs), memory_mb=int(self.memory_mb), cpus=int(self.cpus),
             kvm_probe_timeout=float(self.kvm_probe_timeout), boot_timeout=float(self.boot_timeout),
         )
