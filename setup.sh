@@ -14,9 +14,11 @@ PKGS=(
 	qemu-system-x86 qemu-utils mmdebstrap e2fsprogs xfsprogs
 	openssh-client openssh-server
 )
-# The offline kernel trees (Debian's linux-source-X.Y packages); optional where
-# the distribution does not ship them (use --source kernel.org:X.Y.Z there).
-SOURCES=(${OVL_KERNEL_SOURCES:-linux-source-6.12})
+# The offline kernel trees (Debian's linux-source-X.Y packages), one per series
+# base in patches/<base>/ (ovl.base: 6.12 by default, 6.1 for the LTS backport);
+# optional where the distribution does not ship them (use --source
+# kernel.org:X.Y.Z there).  OVL_KERNEL_SOURCES="pkg ..." replaces the list.
+SOURCES=(${OVL_KERNEL_SOURCES:-linux-source-6.12 linux-source-6.1})
 
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 

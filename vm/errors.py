@@ -10,6 +10,8 @@ the machine or a tool misbehaved (QEMU hung, SSH unreachable, a build broke).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class HarnessError(Exception):
     """Base class: ``message`` is a ``str.format`` template filled from kwargs."""
@@ -129,4 +131,10 @@ class LintFailed(UserError):
 
 
 class StaleCoverLetter(UserError):
-    message = "{path} does not match the series; fix: run `invoke cover-letter` and commit the result"
+    """``path`` is patches/<base>/0000-cover-letter.patch; the fix names that base."""
+
+    message = ("{path} does not match the series; "
+               "fix: run `INVOKE_OVL_BASE={base} invoke cover-letter` and commit the result")
+
+    def __init__(self, *, path: object, **kwargs: object) -> None:
+        super().__init__(path=path, base=Path(str(path)).parent.name, **kwargs)

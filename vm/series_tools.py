@@ -6,6 +6,7 @@ import email.utils
 import re
 import shutil
 import tempfile
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,10 @@ from vm import errors, runner
 from vm.patch import Series
 
 COVER_NAME = "0000-cover-letter.patch"
+# Per-base prose of the cover letter, next to the series file (patches/<base>/).
+COVER_DATA = "cover.toml"
+# key -> required; every value is pre-wrapped text that the template inserts as is
+COVER_KEYS = {"rebased": True, "port_note": False}
 _TOTAL = re.compile(r"total: (\d+) errors, (\d+) warnings, (?:(\d+) checks, )?\d+ lines checked")
 
 
@@ -99,11 +104,44 @@ def _header(path: Path, name: str) -> str | None:
     return None
 
 
+def load_cover_data(path: Path) -> dict[str, str]:
+    """The per-base cover letter text (see :data:`COVER_KEYS`) from ``cover.toml``.
+
+    There is deliberately no default: the text says what the port onto this
+    base changed, and a copy of another base's text would be wrong.
+    """
+    keys = ", ".join(f"{k} ({'required' if req else 'optional'})" for k, req in COVER_KEYS.items())
+    if not path.is_file():
+        raise errors.SeriesError(series=path, reason="no per-base cover letter data",
+                                 fix=f"create it (TOML, keys: {keys}), like patches/*/{COVER_DATA}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise errors.SeriesError(series=path, reason=f"not valid TOML ({exc})", fix="correct the syntax")
+    unknown = sorted(set(data) - set(COVER_KEYS))
+    missing = sorted(k for k, req in COVER_KEYS.items() if req and not str(data.get(k, "")).strip())
+    wrong = sorted(k for k, v in data.items() if k in COVER_KEYS and not isinstance(v, str))
+    if unknown or missing or wrong:
+        reason = "; ".join(part for part in (
+            unknown and f"unknown keys {', '.join(unknown)}",
+            missing and f"missing or empty keys {', '.join(missing)}",
+            wrong and f"keys that are not strings {', '.join(wrong)}") if part)
+        raise errors.SeriesError(series=path, reason=reason, fix=f"use the keys {keys}")
+    return {k: data.get(k, "").strip("\n") for k in COVER_KEYS}
+
+
 def render_cover_letter(series: Series, template: Path, *, diffstat_text: str,
                         base_version: str, base_commit: str | None) -> str:
+    """Render the template for a series in ``patches/<base>/series``.
+
+    The base (e.g. "6.1") is the name of the series' directory, and the
+    per-base text comes from the ``cover.toml`` next to the series file.
+    """
     if not len(series):
         raise errors.SeriesError(series=series.path, reason="the series is empty",
                                  fix="add patches before rendering a cover letter")
+    base = series.path.parent.name
+    cover = load_cover_data(series.path.parent / COVER_DATA)
     first = series.patches[0].path
     author = _header(first, "From") or "unknown"
     dates = [email.utils.parsedate_to_datetime(d) for p in series.patches
@@ -113,4 +151,5 @@ def render_cover_letter(series: Series, template: Path, *, diffstat_text: str,
                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     return env.get_template(template.name).render(
         patches=[PatchInfo(p.subject(), p.name) for p in series.patches], diffstat=diffstat_text,
-        base_version=base_version, base_commit=base_commit, author=author, date=date)
+        base=base, base_version=base_version, base_commit=base_commit, cover=cover,
+        author=author, date=date)
