@@ -230,6 +230,39 @@ def mutation(c, source=None):
     print("mutation check passed: exactly the rows that need the errseq check went red")
 
 
+@harness_task(help={"tree": "the git clone to bisect (left exactly as it is: the bisect runs in a worktree)",
+                    "good": "a commit where the scenario passes with the series applied",
+                    "bad": "a commit where it fails",
+                    "scenario": "SCENARIOS.md row id to run at each step (judged as the patched kernel)",
+                    "fs": "upper filesystem for the scenario (ext4 or xfs)",
+                    "run": "instead of --scenario: a command run in the patched tree at each step "
+                           "(exit 0 good, 125 skip, 1-127 bad)",
+                    "on_build_failure": "skip (default) or bad",
+                    "on_boot_failure": "skip (default) or bad",
+                    "series": "series file to re-apply (default: patches/<base>/series)",
+                    "accel": "auto, kvm or tcg"})
+def bisect(c, tree, good, bad, scenario=None, fs="ext4", run=None, on_build_failure="skip",
+           on_boot_failure="skip", series=None, accel=None):
+    """Find the upstream commit that broke a scenario, re-applying the series at each step."""
+    import shlex
+
+    from vm.bisect import Request
+
+    s = settings_of(c, accel=accel)
+    req = Request(tree=Path(tree).expanduser().resolve(), good=good, bad=bad, scenario=scenario, fs=fs,
+                  command=tuple(shlex.split(run)) if run else (),
+                  on_build_failure=on_build_failure, on_boot_failure=on_boot_failure)
+    result = pipeline.bisect(s, req, Path(series).resolve() if series else None)
+    for step in result.steps:
+        print(f"  step {step.n}: {step.commit[:12]} {step.verdict:5} {step.subject} ({step.reason})")
+    if result.first_bad:
+        print(f"first bad commit: {result.first_bad} {result.first_bad_subject}")
+    else:
+        print("skipped commits left it open; the first bad commit is one of: "
+              + " ".join(c[:12] for c in result.candidates))
+    print(f"report: {result.report_dir / 'report.md'} ({len(result.steps)} steps, {result.seconds:.0f}s)")
+
+
 @harness_task(help={"full": "also run the full tier (see README)"})
 def ci(c, full=False):
     """The test command: unit tests, lint, every series prefix built, scenarios on booted guests."""
@@ -252,5 +285,6 @@ def ci(c, full=False):
             mutation(c)
 
 
-ns = Collection(setup, fetch, build, image, boot, ssh, stop, test, unit, lint, cover_letter, mutation, ci)
+ns = Collection(setup, fetch, build, image, boot, ssh, stop, test, unit, lint, cover_letter, mutation,
+                bisect, ci)
 ns.configure({"ovl": {}})

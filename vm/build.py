@@ -169,6 +169,47 @@ def modules_image(modroot: Path, release: str, dest: Path) -> None:
     tmp.replace(dest)
 
 
+def compile_tree(src: Path, obj: Path, fragments: Sequence[kconfig.Fragment], tc: Toolchain,
+                 log: Path, label: str) -> tuple[Path, str]:
+    """Configure ``obj`` from the fragments and make bzImage + modules in it.
+
+    Incremental when ``obj`` already holds a build: kbuild only recompiles what
+    changed.  Returns the validated config and the kernel release.
+    """
+    with runner.phase(f"{label}: config"):
+        config = kconfig.make_config(src, obj, list(fragments), make_args=tc.make_args(), log=log)
+    with runner.phase(f"{label}: bzImage + modules (log: {log})"):
+        _make(src, obj, ["bzImage", "modules"], tc, log, label)
+    return config, (obj / "include" / "config" / "kernel.release").read_text().strip()
+
+
+def package(src: Path, obj: Path, config: Path, release: str, tc: Toolchain, log: Path,
+            out: Path, label: str) -> None:
+    """bzImage, config and the modules image into ``out`` (replaced atomically)."""
+    staging = out.with_name(out.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    with runner.phase(f"{label}: modules_install + modules image"):
+        modroot = out.with_name("modroot")
+        shutil.rmtree(modroot, ignore_errors=True)
+        _make(src, obj, ["modules_install"], tc, log, label,
+              extra=[f"INSTALL_MOD_PATH={modroot}", "INSTALL_MOD_STRIP=1", "DEPMOD=/sbin/depmod"])
+        modules_image(modroot, release, staging / "modules.ext4")
+        shutil.rmtree(modroot, ignore_errors=True)
+    shutil.copy2(obj / "arch" / "x86" / "boot" / "bzImage", staging / "bzImage")
+    shutil.copy2(config, staging / "config")
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+
+
+def write_stamp(kernel: Kernel) -> None:
+    out = kernel.bzimage.parent
+    tmp = out / "build.json.tmp"
+    tmp.write_text(kernel.to_json())
+    tmp.replace(out / "build.json")
+
+
 def build(inputs: BuildInputs, builds_root: Path, tc: Toolchain) -> Kernel:
     """Build (or reuse) the kernel for ``inputs``."""
     build_dir = builds_root / inputs.dirname()
@@ -183,27 +224,8 @@ def build(inputs: BuildInputs, builds_root: Path, tc: Toolchain) -> Kernel:
     series = inputs.series or Series(Path("none"), ())
     with runner.phase(f"{inputs.label}: source ({len(series)} patches)"):
         prepare_source(inputs.tree_path, series, src)
-    with runner.phase(f"{inputs.label}: config"):
-        config = kconfig.make_config(src, obj, list(inputs.fragments),
-                                     make_args=tc.make_args(), log=log)
-    with runner.phase(f"{inputs.label}: bzImage + modules (log: {log})"):
-        _make(src, obj, ["bzImage", "modules"], tc, log, inputs.label)
-    release = (obj / "include" / "config" / "kernel.release").read_text().strip()
-    if out.exists():
-        shutil.rmtree(out)
-    staging = build_dir / "out.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    with runner.phase(f"{inputs.label}: modules_install + modules image"):
-        modroot = build_dir / "modroot"
-        shutil.rmtree(modroot, ignore_errors=True)
-        _make(src, obj, ["modules_install"], tc, log, inputs.label,
-              extra=[f"INSTALL_MOD_PATH={modroot}", "INSTALL_MOD_STRIP=1", "DEPMOD=/sbin/depmod"])
-        modules_image(modroot, release, staging / "modules.ext4")
-        shutil.rmtree(modroot, ignore_errors=True)
-    shutil.copy2(obj / "arch" / "x86" / "boot" / "bzImage", staging / "bzImage")
-    shutil.copy2(config, staging / "config")
-    staging.rename(out)
+    config, release = compile_tree(src, obj, inputs.fragments, tc, log, inputs.label)
+    package(src, obj, config, release, tc, log, out, inputs.label)
     kernel = Kernel(label=inputs.label, version=inputs.version, key=inputs.key(), build_dir=build_dir,
                     bzimage=out / "bzImage", modules_img=out / "modules.ext4", config=out / "config",
                     release=release,
@@ -211,8 +233,6 @@ def build(inputs: BuildInputs, builds_root: Path, tc: Toolchain) -> Kernel:
                     series_hash=series.fingerprint() if len(series) else "none",
                     config_hash=kconfig.fingerprint(inputs.fragments),
                     seconds=round(time.monotonic() - start, 1))
-    tmp = out / "build.json.tmp"
-    tmp.write_text(kernel.to_json())
-    tmp.replace(out / "build.json")
+    write_stamp(kernel)
     runner.echo(f"  {inputs.label}: built {release} in {kernel.seconds:.0f}s -> {out}")
     return kernel

@@ -177,3 +177,28 @@ def check_cover_letter(settings: Settings, tree: fetch.Tree) -> Path:
     if not path.is_file() or path.read_text() != fresh:
         raise errors.StaleCoverLetter(path=path)
     return path
+
+
+def expectations_file(settings: Settings) -> Path:
+    return settings.project_root / "tests" / "scenarios" / "expectations.json"
+
+
+def bisect(settings: Settings, req, series_file: Path | None = None) -> "object":
+    """Check the request against the expectations table, then run :func:`vm.bisect.bisect`."""
+    from vm import bisect as bisect_mod
+    from vm.scenario import Expectations
+
+    img = None
+    if req.scenario:
+        table = Expectations.load(expectations_file(settings))
+        if req.scenario not in table.row_ids:
+            raise errors.BadArgument(what=f"unknown scenario {req.scenario!r}",
+                                     fix=f"use a SCENARIOS.md row id: {', '.join(table.row_ids)}")
+        if req.fs not in table.filesystems:
+            raise errors.BadArgument(what=f"unknown filesystem {req.fs!r}",
+                                     fix=f"use one of {', '.join(table.filesystems)}")
+        img = guest_image(settings).path
+    series_file = series_file or settings.series_file
+    parse_series(series_file)   # a missing or broken series is a user error before anything starts
+    return bisect_mod.bisect(settings, req, series_file, image=img,
+                             fragments_key=kconfig.fingerprint(fragments(settings, False)))

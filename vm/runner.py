@@ -13,6 +13,7 @@ import contextlib
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -90,12 +91,16 @@ def run(cmd: Cmd, *, cwd: "os.PathLike[str] | str | None" = None,
 def run_logged(cmd: Cmd, log: Path, *, cwd: "os.PathLike[str] | str | None" = None,
                env: Mapping[str, str] | None = None,
                show: Callable[[str], bool] = lambda line: False,
-               timeout: float | None = None) -> int:
+               timeout: float | None = None, new_session: bool = False) -> int:
     """Run ``cmd`` with stdout+stderr appended to ``log``; return the exit code.
 
     Lines for which ``show(line)`` is true are echoed to the terminal, so a
     build can print progress without flooding it.  The caller interprets a
     non-zero exit (it knows which lines of the log matter).
+
+    ``new_session`` runs the command in its own session, so a Ctrl-C reaches
+    only the harness, which then stops the command's whole process group
+    (SIGTERM, then SIGKILL) before cleaning up after it.
     """
     argv = _argv(cmd)
     announce(argv, cwd)
@@ -110,7 +115,8 @@ def run_logged(cmd: Cmd, log: Path, *, cwd: "os.PathLike[str] | str | None" = No
         fh.write(f"+ {shlex.join(argv)}\n")
         fh.flush()
         proc = subprocess.Popen(argv, cwd=cwd, env=full_env, text=True, errors="replace",
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=new_session)
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
@@ -124,8 +130,48 @@ def run_logged(cmd: Cmd, log: Path, *, cwd: "os.PathLike[str] | str | None" = No
             return proc.wait()
         finally:
             if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+                if new_session:
+                    _stop_group(proc)
+                else:
+                    proc.kill()
+                    proc.wait()
+
+
+def _stop_group(proc: subprocess.Popen, grace: float = 15.0) -> None:
+    """SIGTERM the process group led by ``proc``, SIGKILL what is left after ``grace`` s.
+
+    Returns once the group is empty (zombies aside), so the caller may clean up
+    the files its members were using.
+    """
+    pgid = proc.pid
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            proc.poll()
+            if not _group_alive(pgid):
+                break
+            time.sleep(0.05)
+        else:
+            continue
+        break
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
+
+
+def _group_alive(pgid: int) -> bool:
+    """True while a process other than a zombie is in the group."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
 
 
 @contextlib.contextmanager
