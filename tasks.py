@@ -65,10 +65,11 @@ def fetch(c, source=None):
 @harness_task(help={"variants": "comma list of baseline, patched, prefix-N (default: baseline,patched)",
                     "debug": "add kconfig/debug.config (lockdep, KASAN, ...)",
                     "source": "kernel source (see `invoke fetch --help`)",
-                    "prefixes": "also build every prefix of the series (prefix-1 .. prefix-N)"})
-def build(c, variants="baseline,patched", debug=False, source=None, prefixes=False):
+                    "prefixes": "also build every prefix of the series (prefix-1 .. prefix-N)",
+                    "base": "kernel base: patches/<base>/ and its default source (default: ovl.base)",})
+def build(c, variants="baseline,patched", debug=False, source=None, prefixes=False, base=None):
     """Build kernels (keyed by tree, series and config: unchanged inputs never rebuild)."""
-    s = settings_of(c)
+    s = settings_of(c, base=base)
     wanted = _variants(variants, debug)
     tree = pipeline.get_tree(s, source)
     if prefixes:
@@ -86,10 +87,11 @@ def image(c):
 
 
 @harness_task(help={"variant": "baseline, patched or prefix-N", "detach": "leave the guest running",
-                    "debug": "boot the debug-config kernel", "accel": "auto, kvm or tcg"})
-def boot(c, variant="patched", detach=False, debug=False, accel=None, source=None):
+                    "debug": "boot the debug-config kernel", "accel": "auto, kvm or tcg",
+                    "base": "kernel base: patches/<base>/ and its default source (default: ovl.base)",})
+def boot(c, variant="patched", detach=False, debug=False, accel=None, source=None, base=None):
     """Boot a kernel and check SSH; with --detach leave it running for `invoke ssh`."""
-    s = settings_of(c, accel=accel)
+    s = settings_of(c, accel=accel, base=base)
     kernel = pipeline.build_kernel(s, pipeline.Variant.parse(variant, debug), pipeline.get_tree(s, source))
     img = pipeline.guest_image(s)
     run_dir = pipeline.run_dir(s, kernel.label)
@@ -143,10 +145,12 @@ def stop(c):
                     "keep_vm": "leave the last guest running after the run",
                     "k": "pytest -k expression", "debug": "use the debug-config kernels",
                     "source": "kernel source (see `invoke fetch --help`)",
-                    "rows_for": "VARIANT=ROW,ROW;...: run only these rows on that variant"})
-def test(c, variants="baseline,patched", keep_vm=False, k=None, debug=False, source=None, rows_for=None):
+                    "rows_for": "VARIANT=ROW,ROW;...: run only these rows on that variant",
+                    "base": "kernel base: patches/<base>/ and its default source (default: ovl.base)",})
+def test(c, variants="baseline,patched", keep_vm=False, k=None, debug=False, source=None, rows_for=None,
+         base=None):
     """Run the scenario suite on booted guests (building what is missing)."""
-    s = settings_of(c)
+    s = settings_of(c, base=base)
     tree = pipeline.get_tree(s, source)
     args = []
     for variant in _variants(variants, debug):
@@ -164,18 +168,40 @@ def test(c, variants="baseline,patched", keep_vm=False, k=None, debug=False, sou
     _pytest(s, ["tests/scenarios", *args], "scenarios")
 
 
-def _pytest(s: Settings, args: list[str], name: str) -> None:
-    s.results_dir.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, "-m", "pytest", *args, f"--junitxml={s.results_dir / (name + '.xml')}"]
-    res = runner.run(argv, cwd=ROOT, capture=False, check=False)
+def _pytest(s: Settings, args: list[str], name: str, results: Path | None = None) -> None:
+    results = results or s.results_dir
+    results.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "pytest", *args, f"--junitxml={results / (name + '.xml')}"]
+    env = {"INVOKE_OVL_RESULTS_DIR": str(results)} if results != s.results_dir else None
+    res = runner.run(argv, cwd=ROOT, capture=False, check=False, env=env)
     if res.returncode not in (0,):
         raise Exit(f"pytest ({name}) failed with exit code {res.returncode}", code=res.returncode or 1)
 
 
-@harness_task(help={"source": "kernel source whose scripts/checkpatch.pl is used"})
-def lint(c, source=None):
-    """checkpatch --strict on every patch, and the cover letter is up to date."""
+@harness_task(help={"bases": "comma list of kernel bases, each with patches/<base>/ and "
+                             "tests/scenarios/bases/<base>.json",
+                    "variants": "kernel variants to build and test on every base (default: baseline,patched)",
+                    "k": "pytest -k expression"})
+def matrix(c, bases="6.1,6.12", variants="baseline,patched", k=None):
+    """Version matrix: build the variants on every base, run the suite on all, render one matrix."""
     s = settings_of(c)
+    wanted = [b.strip() for b in bases.split(",") if b.strip()]
+    args = []
+    for label, kernel in pipeline.matrix_kernels(s, wanted, _variants(variants, False)):
+        args += ["--kernel", f"{label}={kernel.build_dir}"]
+    args += ["--image", str(pipeline.guest_image(s).path)]
+    if k:
+        args += ["-k", k]
+    results = s.results_dir / "matrix"
+    _pytest(s, ["tests/scenarios/test_scenarios.py", *args], "matrix", results)
+    print(f"matrix: {results / 'matrix.md'}")
+
+
+@harness_task(help={"source": "kernel source whose scripts/checkpatch.pl is used",
+                    "base": "kernel base: patches/<base>/ and its default source (default: ovl.base)",})
+def lint(c, source=None, base=None):
+    """checkpatch --strict on every patch, and the cover letter is up to date."""
+    s = settings_of(c, base=base)
     tree = pipeline.get_tree(s, source)
     with runner.phase("checkpatch --strict"):
         pipeline.lint(s, tree)
@@ -183,12 +209,12 @@ def lint(c, source=None):
         print(f"cover letter up to date: {pipeline.check_cover_letter(s, tree)}")
 
 
-@harness_task(name="cover-letter")
-def cover_letter(c, source=None):
+@harness_task(name="cover-letter", help={"base": "kernel base: patches/<base>/ and its default source (default: ovl.base)",})
+def cover_letter(c, source=None, base=None):
     """Render patches/<base>/0000-cover-letter.patch from the Jinja2 template."""
     from vm.series_tools import COVER_NAME
 
-    s = settings_of(c)
+    s = settings_of(c, base=base)
     text = pipeline.cover_letter(s, pipeline.get_tree(s, source))
     path = s.patches_dir / COVER_NAME
     tmp = path.with_suffix(".tmp")
@@ -269,8 +295,9 @@ def ci(c, full=False):
     s = settings_of(c)
     with runner.phase("unit tests"):
         unit(c)
-    with runner.phase("lint"):
-        lint(c)
+    for base in s.bases:
+        with runner.phase(f"lint {base}"):
+            lint(c, base=base)
     every = [v.label for v in pipeline.prefix_variants(s)] + [f"{pipeline.PATCHED}-debug"]
     with runner.phase(f"build every series prefix and the debug kernel ({', '.join(every)})"):
         build(c, variants=",".join(every))
@@ -280,11 +307,20 @@ def ci(c, full=False):
     rows_for = ";".join(f"{v}={','.join(rows)}" for v, rows in limits.items())
     with runner.phase(f"scenarios ({tier}) on {', '.join(variants)}"):
         test(c, variants=",".join(variants), rows_for=rows_for or None)
-    if full:
-        with runner.phase("mutation check (series without the errseq patch)"):
-            mutation(c)
+    if not full:
+        return
+    with runner.phase("mutation check (series without the errseq patch)"):
+        mutation(c)
+    for base in s.bases:
+        if base != s.base:
+            with runner.phase(f"build every series prefix on {base}"):
+                build(c, prefixes=True, base=base)
+    with runner.phase(f"version matrix ({', '.join(s.bases)})"):
+        matrix(c, bases=",".join(s.bases))
+    with runner.phase("bisect a kernel history (tests/bisect)"):
+        _pytest(s, ["tests/bisect", "-m", "slow"], "bisect")
 
 
 ns = Collection(setup, fetch, build, image, boot, ssh, stop, test, unit, lint, cover_letter, mutation,
-                bisect, ci)
+                matrix, bisect, ci)
 ns.configure({"ovl": {}})

@@ -134,7 +134,7 @@ class StaleCoverLetter(UserError):
     """``path`` is patches/<base>/0000-cover-letter.patch; the fix names that base."""
 
     message = ("{path} does not match the series; "
-               "fix: run `INVOKE_OVL_BASE={base} invoke cover-letter` and commit the result")
+               "fix: run `invoke cover-letter --base {base}` and commit the result")
 
     def __init__(self, *, path: object, **kwargs: object) -> None:
         super().__init__(path=path, base=Path(str(path)).parent.name, **kwargs)

@@ -202,3 +202,27 @@ def bisect(settings: Settings, req, series_file: Path | None = None) -> "object"
     parse_series(series_file)   # a missing or broken series is a user error before anything starts
     return bisect_mod.bisect(settings, req, series_file, image=img,
                              fragments_key=kconfig.fingerprint(fragments(settings, False)))
+
+
+def matrix_kernels(settings: Settings, bases: list[str], variants: list[Variant]) -> list[tuple[str, build.Kernel]]:
+    """Build every variant on every base: ``[("patched@6.1", kernel), ...]``, base by base.
+
+    Each base uses its own series (patches/<base>/) and its own source (the
+    configured source kind, e.g. Debian's linux-source-<base>).
+    """
+    from dataclasses import replace
+
+    bases_dir = settings.project_root / "tests" / "scenarios" / "bases"
+    for base in bases:
+        missing = [str(p) for p in (settings.project_root / "patches" / base / "series",
+                                    bases_dir / f"{base}.json") if not p.is_file()]
+        if missing:
+            raise errors.BadArgument(what=f"base {base!r} has no {' and no '.join(missing)}",
+                                     fix="add the series and its expectations file, or drop the base")
+    built = []
+    for base in bases:
+        per_base = replace(settings, base=base)
+        tree = get_tree(per_base)
+        for variant in variants:
+            built.append((f"{variant.label}@{base}", build_kernel(per_base, variant, tree)))
+    return built

@@ -188,6 +188,7 @@ class Matrix:
                                  keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
         env.filters["md"] = _md_cell
         env.filters["secs"] = lambda s: "-" if s is None else f"{s:.1f}"
+        env.filters["variant"] = variant_title
         return env
 
     def _context(self) -> dict:
@@ -212,6 +213,12 @@ class Matrix:
             tmp.replace(path)
             written.append(path)
         return written[0], written[1]
+
+
+def variant_title(variant: str) -> str:
+    """``patched@6.1`` (a version-matrix column) -> ``6.1 patched``."""
+    name, _, base = variant.partition("@")
+    return f"{base} {name}" if base else name
 
 
 def _md_cell(text: object) -> str:

@@ -320,8 +320,20 @@ CHECKS = ("dirty", "checkpoint", "files")
 
 
 def base_variant(variant: str) -> str:
-    """``patched-debug`` -> ``patched``: the debug builds share the expectations."""
+    """``patched-debug@6.1`` -> ``patched``: debug builds share the expectations,
+    and ``@<base>`` (the kernel base, in a version matrix) selects a base file."""
+    variant = variant.split("@", 1)[0]
     return variant[: -len("-debug")] if variant.endswith("-debug") else variant
+
+
+def variant_base(variant: str) -> str | None:
+    """``patched@6.1`` -> ``6.1``; ``None`` when the variant does not name a base."""
+    return variant.split("@", 1)[1] if "@" in variant else None
+
+
+def base_of_version(version: str) -> str:
+    """``6.1.192`` -> ``6.1``: the base whose expectations a kernel follows."""
+    return ".".join(version.split(".")[:2])
 
 
 @dataclass(frozen=True)
@@ -351,9 +363,12 @@ class ExpectationError(ValueError):
 class Expectations:
     """The expectations table (``tests/scenarios/expectations.json``)."""
 
-    def __init__(self, data: Mapping, source: str = "<data>") -> None:
+    def __init__(self, data: Mapping, source: str = "<data>",
+                 bases: Mapping[str, Mapping] | None = None) -> None:
         self.data = data
         self.source = source
+        #: per kernel base (tests/scenarios/bases/<base>.json): {"differences": {variant: {row: ...}}}
+        self.bases: dict[str, dict] = {k: dict(v) for k, v in (bases or {}).items()}
         self.messages: dict[str, str] = dict(data.get("messages", {}))
         self.filesystems: tuple[str, ...] = tuple(data.get("filesystems", FILESYSTEMS))
         self.variants: dict[str, dict] = {k: dict(v) for k, v in data["variants"].items()}
@@ -361,9 +376,14 @@ class Expectations:
         self.validate()
 
     @classmethod
-    def load(cls, path: Path | str) -> "Expectations":
+    def load(cls, path: Path | str, bases_dir: Path | str | None = None) -> "Expectations":
+        """The table, and the per-base differences from ``bases_dir/<base>.json``."""
         path = Path(path)
-        return cls(json.loads(path.read_text()), str(path))
+        bases = {}
+        if bases_dir is not None:
+            for f in sorted(Path(bases_dir).glob("*.json")):
+                bases[f.stem] = json.loads(f.read_text())
+        return cls(json.loads(path.read_text()), str(path), bases)
 
     @property
     def row_ids(self) -> list[str]:
@@ -387,19 +407,29 @@ class Expectations:
             raise ExpectationError(f"{self.source}: {row}/{behaviour}: unknown checks {bad}")
         return StepExpectation(raw["step"], expect, log, then)
 
-    def behaviour_of(self, row: str, variant: str) -> str:
+    def difference(self, row: str, variant: str, base: str | None) -> dict | None:
+        """The per-base entry that overrides ``row`` on ``variant``, if any."""
+        if base is None:
+            return None
+        diffs = self.bases.get(base, {}).get("differences", {})
+        return diffs.get(base_variant(variant), {}).get(row)
+
+    def behaviour_of(self, row: str, variant: str, base: str | None = None) -> str:
         name = base_variant(variant)
         try:
             spec = self.variants[name]
         except KeyError:
             raise ExpectationError(f"{self.source}: no expectations for kernel variant {variant!r} "
                                    f"(known: {', '.join(self.variants)})") from None
+        diff = self.difference(row, variant, base or variant_base(variant))
+        if diff is not None:
+            return diff["behaves_as"]
         return spec.get("except", {}).get(row, spec["behaves_as"])
 
-    def get(self, row: str, variant: str) -> RowExpectation:
+    def get(self, row: str, variant: str, base: str | None = None) -> RowExpectation:
         if row not in self.rows:
             raise ExpectationError(f"{self.source}: no row {row!r}")
-        behaviour = self.behaviour_of(row, variant)
+        behaviour = self.behaviour_of(row, variant, base)
         try:
             raw_steps = self.rows[row][behaviour]
         except KeyError:
@@ -419,6 +449,20 @@ class Expectations:
                 exp = self.get(row, variant)
                 if not exp.steps:
                     raise ExpectationError(f"{self.source}: {row}/{exp.behaviour} has no steps")
+        for base, data in self.bases.items():
+            where = f"bases/{base}.json"
+            if data.get("base") != base:
+                raise ExpectationError(f"{where}: 'base' must be {base!r}")
+            for variant, rows in data.get("differences", {}).items():
+                if variant not in self.variants:
+                    raise ExpectationError(f"{where}: unknown variant {variant!r}")
+                for row, diff in rows.items():
+                    if row not in self.rows:
+                        raise ExpectationError(f"{where}: unknown row {row!r}")
+                    if set(diff) != {"behaves_as", "why"} or not str(diff["why"]).strip():
+                        raise ExpectationError(f"{where}: {variant}/{row} needs exactly behaves_as "
+                                               "and a non-empty why (the reason this base differs)")
+                    self.get(row, variant, base)   # the column must exist
 
 
 class ExpectationFailed(AssertionError):

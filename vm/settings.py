@@ -18,6 +18,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 @dataclass(frozen=True)
 class Settings:
     base: str = "6.12"
+    bases: tuple[str, ...] = ()
     source: str = "debian"
     cache_dir: Path = Path("~/.cache/ovl-volatile-harness")
     results_dir: Path = Path("results")
@@ -62,7 +63,7 @@ class Settings:
             self,
             cache_dir=Path(self.cache_dir).expanduser().resolve(),
             results_dir=results if results.is_absolute() else (root / results),
-            fragments=tuple(self.fragments),
+            fragments=tuple(self.fragments), bases=tuple(str(b) for b in self.bases) or (str(self.base),),
             image_packages=tuple(self.image_packages),
             ci_variants=tuple(self.ci_variants), ci_full_variants=tuple(self.ci_full_variants),
             mutation_rows=tuple(self.mutation_rows),

@@ -25,6 +25,7 @@ from vm.flakey import ERROR_WRITES, NORMAL, Flakey
 from vm.scenario import OverlayDirs
 
 EXPECTATIONS = Path(__file__).with_name("expectations.json")
+BASES = Path(__file__).with_name("bases")
 #: scratch disk the suite owns (the smoke test uses ovlscratch0 directly)
 SCRATCH_SERIALS = ("ovlscratch1", "ovlscratch0")
 FLAKEY_NAME = "ovl-flakey"
@@ -33,7 +34,7 @@ MATRIX = pytest.StashKey[report.Matrix]()
 
 @functools.lru_cache(maxsize=None)
 def load_expectations() -> scenario.Expectations:
-    return scenario.Expectations.load(EXPECTATIONS)
+    return scenario.Expectations.load(EXPECTATIONS, BASES)
 
 
 # --- parametrization -------------------------------------------------------------

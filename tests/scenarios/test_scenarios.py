@@ -138,9 +138,10 @@ NEEDS_KLOG = {"rebooted"}
 
 # --- the test ---------------------------------------------------------------------------
 
-def test_row(row, fs, variant, guest, klog, env, matrix, expectations, request):
+def test_row(row, fs, variant, kernel, guest, klog, env, matrix, expectations, request):
     """One row of SCENARIOS.md on one upper filesystem and kernel variant."""
-    exp = expectations.get(row, variant)
+    base = scenario.variant_base(variant) or scenario.base_of_version(kernel.version)
+    exp = expectations.get(row, variant, base)
     run = RowRun(exp, fs, env.checks())
     try:
         steps = ROWS.get(row)

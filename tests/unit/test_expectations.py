@@ -254,3 +254,51 @@ def test_checkpoint_reads_the_trusted_xattr():
     fake = FakeConnection()
     fake.expect("test -e", 1)
     assert scenario.checkpoint(fake, scenario.OverlayDirs()) is None
+
+
+# --- per-base differences (tests/scenarios/bases/<base>.json) ---------------------------
+
+BASES = ROOT / "tests" / "scenarios" / "bases"
+
+
+def test_base_files_load_and_name_their_base():
+    table = Expectations.load(TABLE, BASES)
+    assert {"6.1", "6.12"} <= set(table.bases)
+    for base in ("6.1", "6.12"):
+        for row in table.row_ids:
+            assert table.get(row, f"patched@{base}").steps
+
+
+@pytest.mark.parametrize("label,base,expected", [
+    ("patched", "6.1", "B"),                # the difference applies on 6.1 ...
+    ("patched@6.1", None, "B"),             # ... named by the variant
+    ("patched-debug@6.1", None, "B"),
+    ("patched", "6.12", "P"),               # ... and nowhere else
+    ("patched", None, "P"),
+    ("baseline", "6.1", "B"),
+], ids=["base-arg", "base-in-variant", "debug", "other-base", "no-base", "other-variant"])
+def test_a_base_difference_overrides_the_table(label, base, expected):
+    data = Expectations.load(TABLE).data
+    bases = {"6.1": {"base": "6.1", "differences": {
+        "patched": {"volatile-to-volatile": {"behaves_as": "B", "why": "say why"}}}}}
+    table = Expectations(data, "t", bases)
+    assert table.behaviour_of("volatile-to-volatile", label, base) == expected
+
+
+@pytest.mark.parametrize("diff,match", [
+    ({"behaves_as": "B"}, "non-empty why"),
+    ({"behaves_as": "B", "why": " "}, "non-empty why"),
+    ({"behaves_as": "Q", "why": "x"}, "has no 'Q' column"),
+], ids=["no-why", "blank-why", "unknown-column"])
+def test_base_differences_are_validated(diff, match):
+    data = Expectations.load(TABLE).data
+    with pytest.raises(scenario.ExpectationError, match=match):
+        Expectations(data, "t", {"6.1": {"base": "6.1", "differences": {"patched": {"fresh-volatile": diff}}}})
+
+
+def test_variant_and_version_helpers():
+    assert scenario.base_variant("prefix-3-debug@6.1") == "prefix-3"
+    assert scenario.variant_base("prefix-3-debug@6.1") == "6.1"
+    assert scenario.variant_base("patched") is None
+    assert scenario.base_of_version("6.1.192") == "6.1"
+    assert scenario.base_of_version("6.12.117") == "6.12"
