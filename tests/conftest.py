@@ -7,6 +7,7 @@ running by ``invoke boot --detach`` for the same kernel is reused too.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -115,8 +116,11 @@ def guest_image(request, settings) -> Image:
 def kernel(variant, kernel_paths, settings) -> Kernel:
     if variant in kernel_paths:
         return _load_kernel(kernel_paths[variant])
+    name, _, base = variant.partition("@")
+    if base:
+        settings = dataclasses.replace(settings, base=base)
     tree = pipeline.get_tree(settings)
-    return pipeline.build_kernel(settings, pipeline.Variant.parse(variant), tree)
+    return pipeline.build_kernel(settings, pipeline.Variant.parse(name), tree)
 
 
 @pytest.fixture(scope="session")
