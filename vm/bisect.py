@@ -42,6 +42,7 @@ import shlex
 import shutil
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -288,6 +289,9 @@ def run_step(state_path: Path) -> int:
         return _step(ctx)
     except errors.HarnessError as exc:
         return ctx.record(ABORT, f"harness error: {exc}")
+    except Exception as exc:  # noqa: BLE001 - a harness bug must abort the bisect, never read as "bad"
+        traceback.print_exc()
+        return ctx.record(ABORT, f"harness bug: {type(exc).__name__}: {exc}")
     finally:
         restore_worktree(wt)
 
@@ -542,9 +546,12 @@ def write_report(result: Result) -> None:
 
 def main(argv: Sequence[str]) -> int:
     if len(argv) == 2 and argv[0] == "step":
+        # git bisect run reads any exit of 1-127 but 125 as "bad": everything
+        # that is not a verdict, including an uncaught exception, must be 255
         try:
             return run_step(Path(argv[1]))
-        except KeyboardInterrupt:
+        except BaseException:  # noqa: BLE001
+            traceback.print_exc()
             return ABORT
     print("usage: python -m vm.bisect step STATE.json  (run by `git bisect run`; see `invoke bisect`)",
           file=sys.stderr)

@@ -61,6 +61,7 @@ class Settings:
         results = Path(self.results_dir).expanduser()
         return replace(
             self,
+            project_root=root,
             cache_dir=Path(self.cache_dir).expanduser().resolve(),
             results_dir=results if results.is_absolute() else (root / results),
             fragments=tuple(self.fragments), bases=tuple(str(b) for b in self.bases) or (str(self.base),),

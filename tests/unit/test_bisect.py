@@ -218,3 +218,22 @@ def test_cli_one_line_error_for_unknown_scenario(history, tmp_path):
     assert res.returncode == 2
     lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "unknown scenario 'no-such-row'" in lines[0] and "fix:" in lines[0]
+
+
+def test_a_crashing_step_aborts_instead_of_reading_as_bad(tmp_path):
+    """git bisect run takes exit 1 (Python's for an uncaught exception) as "bad"."""
+    state = tmp_path / "state.json"
+    state.write_text(json.dumps({"worktree": str(tmp_path)}))      # not even a git tree
+    assert bisect.main(["step", str(state)]) == bisect.ABORT
+    assert bisect.main(["nonsense"]) == bisect.ABORT
+
+
+def test_a_broken_series_is_refused_before_anything_starts(history, tmp_path):
+    repo, shas, series = history
+    before = _state(repo)
+    series.write_text("0001-toy.patch\nmissing.patch\n")
+    req = bisect.Request(tree=repo, good=shas[0], bad="main", command=("true",))
+    with pytest.raises(errors.SeriesError, match="missing.patch does not exist"):
+        bisect.bisect(_settings(tmp_path), req, series)
+    assert _state(repo) == before
+    assert not (tmp_path / "results" / "bisect").exists()
