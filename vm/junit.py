@@ -25,6 +25,8 @@ def cases(path: Path) -> list[Case]:
                 outcome = {"failure": "failed"}.get(tag, tag)
                 message = (node.get("message") or node.text or "").strip().splitlines()[:1]
                 message = message[0] if message else ""
+                for prefix in ("vm.scenario.ExpectationFailed: ", "AssertionError: ", "Failed: "):
+                    message = message.removeprefix(prefix)
                 break
         found.append(Case(case.get("name", ""), outcome, message))
     return found
