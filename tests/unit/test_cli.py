@@ -61,3 +61,11 @@ def test_ssh_without_guest(tmp_path):
     res = invoke("ssh", "-c", "true", cache=tmp_path / "cache")
     assert res.returncode == 3
     assert "no guest is running" in error_lines(res)[0]
+
+
+def test_matrix_with_an_unknown_base(tmp_path):
+    res = invoke("matrix", "--bases", "6.1,9.9", cache=tmp_path / "cache")
+    assert res.returncode == 2, res.stderr
+    (line,) = error_lines(res)
+    assert "base '9.9' has no" in line and "patches/9.9/series" in line and "fix:" in line
+    assert not (tmp_path / "cache" / "builds").exists() or not any((tmp_path / "cache" / "builds").iterdir())
