@@ -307,6 +307,8 @@ def ci(c, full=False):
     rows_for = ";".join(f"{v}={','.join(rows)}" for v, rows in limits.items())
     with runner.phase(f"scenarios ({tier}) on {', '.join(variants)}"):
         test(c, variants=",".join(variants), rows_for=rows_for or None)
+    with runner.phase("bisect a kernel history (tests/bisect)"):
+        _pytest(s, ["tests/bisect", "-m", "slow"], "bisect")
     if not full:
         return
     with runner.phase("mutation check (series without the errseq patch)"):
@@ -317,8 +319,6 @@ def ci(c, full=False):
                 build(c, prefixes=True, base=base)
     with runner.phase(f"version matrix ({', '.join(s.bases)})"):
         matrix(c, bases=",".join(s.bases))
-    with runner.phase("bisect a kernel history (tests/bisect)"):
-        _pytest(s, ["tests/bisect", "-m", "slow"], "bisect")
 
 
 ns = Collection(setup, fetch, build, image, boot, ssh, stop, test, unit, lint, cover_letter, mutation,
