@@ -45,6 +45,9 @@ class BootPlan:
     kernel_label: str
     kernel_release: str
     boot_timeout: float
+    #: where the KVM/TCG verdict is cached, so a KVM hang is remembered (see qemu.choose_accel)
+    accel_cache: Path | None = None
+    probe_timeout: float = 0.0
 
 
 def plan(settings: Settings, kernel: Kernel, image: Image, run_dir: Path,
@@ -71,7 +74,8 @@ def plan(settings: Settings, kernel: Kernel, image: Image, run_dir: Path,
         pubkey_b64=base64.b64encode(pubkey.encode()).decode(),
         accel=accel, memory_mb=settings.memory_mb, cpus=settings.cpus)
     return BootPlan(spec, run_dir, key_path, kernel.label, kernel.release,
-                    settings.boot_timeout * accel.timeout_factor)
+                    settings.boot_timeout * accel.timeout_factor,
+                    accel_cache=settings.sub("accel"), probe_timeout=settings.kvm_probe_timeout)
 
 
 class Guest:
@@ -94,10 +98,13 @@ class Guest:
         guest = cls._start(plan, detach)
         try:
             guest._wait_ready()
-        except errors.KvmHang:
+        except errors.KvmHang as exc:
             guest.stop()
-            runner.echo(f"  KVM guest died or printed nothing ({_tail_file(plan.run_dir / 'qemu.log')}); "
-                        "falling back to TCG")
+            detail = _tail_file(plan.run_dir / 'qemu.log') or str(exc)
+            runner.echo(f"  KVM guest died or printed nothing ({detail}); falling back to TCG "
+                        "(remembered until the host reboots)")
+            if plan.accel_cache is not None:
+                qemu.remember_kvm_failure(plan.spec.arch, plan.accel_cache, plan.probe_timeout, detail)
             tcg = qemu.Accel("tcg", "the KVM guest did not start the kernel; using TCG",
                              qemu.TCG_FACTOR)
             plan = replace(plan, spec=replace(plan.spec, accel=tcg),
@@ -264,7 +271,9 @@ def plan_from_dict(data: dict) -> BootPlan:
                      cmdline_extra=tuple(spec["cmdline_extra"]))
     return BootPlan(spec=vm, run_dir=Path(data["run_dir"]), key_path=Path(data["key_path"]),
                     kernel_label=data["kernel_label"], kernel_release=data["kernel_release"],
-                    boot_timeout=float(data["boot_timeout"]))
+                    boot_timeout=float(data["boot_timeout"]),
+                    accel_cache=Path(data["accel_cache"]) if data.get("accel_cache") else None,
+                    probe_timeout=float(data.get("probe_timeout", 0.0)))
 
 
 def attach(run_dir: Path) -> Guest:

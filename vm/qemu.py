@@ -221,12 +221,11 @@ def choose_accel(arch: QemuArch, wanted: str, cache_dir: Path, probe_timeout: fl
         raise errors.BadArgument(what=f"unknown accelerator {wanted!r}", fix="use auto, kvm or tcg")
     why_not = kvm_usable()
     if why_not is None:
-        verdict_file = cache_dir / "accel-probe.json"
-        stamp = {"boot_id": host_boot_id(), "qemu": str(Path(runner.require(arch.binary)).resolve()),
-                 "timeout": probe_timeout}
+        verdict_file = cache_dir / VERDICT_FILE
+        stamp = _probe_stamp(arch, probe_timeout)
         cached = _read_json(verdict_file)
         if cached.get("stamp") == stamp:
-            ok, detail = cached["ok"], cached["detail"] + " (cached probe from this host boot)"
+            ok, detail = cached["ok"], cached["detail"] + " (cached verdict from this host boot)"
         else:
             ok, detail = run_probe(probe_argv(arch, "kvm", probe_image(cache_dir / "probe-multiboot.bin")),
                                    probe_timeout)
@@ -238,6 +237,23 @@ def choose_accel(arch: QemuArch, wanted: str, cache_dir: Path, probe_timeout: fl
         raise errors.AccelUnavailable(reason=why_not,
                                       fix="use --accel auto or tcg, or fix KVM on this host")
     return Accel("tcg", f"{why_not}; falling back to TCG (software emulation, slower)", TCG_FACTOR)
+
+
+VERDICT_FILE = "accel-probe.json"
+
+
+def _probe_stamp(arch: QemuArch, probe_timeout: float) -> dict:
+    return {"boot_id": host_boot_id(), "qemu": str(Path(runner.require(arch.binary)).resolve()),
+            "timeout": probe_timeout}
+
+
+def remember_kvm_failure(arch: QemuArch, cache_dir: Path, probe_timeout: float, detail: str) -> None:
+    """A real kernel hung under KVM although the probe passed: use TCG for the rest of this host boot.
+
+    Without this every boot would pay the KVM attempt again before falling back.
+    """
+    _write_json(cache_dir / VERDICT_FILE, {"stamp": _probe_stamp(arch, probe_timeout), "ok": False,
+                                           "detail": f"a kernel booted under KVM hung ({detail})"})
 
 
 def _read_json(path: Path) -> dict:

@@ -83,6 +83,7 @@ def test_kvm_that_cannot_start_the_kernel_falls_back_to_tcg(baseline_kernel, gue
     probe_ok, _ = qemu.run_probe(qemu.probe_argv(qemu.X86_64, "kvm", qemu.probe_image(tmp_path / "p.bin")), 10)
     forced = qemu.Accel("kvm", "forced by the test", qemu.KVM_FACTOR)
     plan = guest_mod.plan(settings, baseline_kernel, guest_image, tmp_path / "run", accel=forced)
+    plan = replace(plan, accel_cache=tmp_path / "accel")   # keep the real verdict cache out of it
     start = time.monotonic()
     with guest_mod.Guest.boot(plan) as g:
         assert g.run(["true"]).ok
@@ -90,4 +91,8 @@ def test_kvm_that_cannot_start_the_kernel_falls_back_to_tcg(baseline_kernel, gue
     if not probe_ok:
         assert used.name == "tcg" and "KVM" in used.reason
         assert time.monotonic() - start < guest_mod.KVM_FIRST_OUTPUT + 60
+    if used.name == "tcg":
+        # remembered: the next boot of this host boot goes straight to TCG
+        again = qemu.choose_accel(qemu.X86_64, "auto", tmp_path / "accel", plan.probe_timeout)
+        assert again.name == "tcg" and "hung" in again.reason
     assert qemu_pids(tmp_path / "run") == []

@@ -91,6 +91,18 @@ def test_choose_accel_falls_back_when_probe_hangs(tmp_path, monkeypatch):
         qemu.choose_accel(qemu.X86_64, "kvm", tmp_path, 5)
 
 
+def test_a_kvm_boot_hang_is_remembered(tmp_path, monkeypatch):
+    """The probe passes but a real kernel hangs: later boots go straight to TCG."""
+    calls = []
+    monkeypatch.setattr(qemu, "kvm_usable", lambda: None)
+    monkeypatch.setattr(qemu, "run_probe", lambda argv, timeout: calls.append(argv) or (True, "probe printed"))
+    assert qemu.choose_accel(qemu.X86_64, "auto", tmp_path, 5).name == "kvm"
+    qemu.remember_kvm_failure(qemu.X86_64, tmp_path, 5, "no console output in 15s")
+    again = qemu.choose_accel(qemu.X86_64, "auto", tmp_path, 5)
+    assert again.name == "tcg" and "hung" in again.reason and "no console output" in again.reason
+    assert len(calls) == 1, "no second probe: the boot verdict replaced the probe's"
+
+
 def test_choose_accel_without_dev_kvm(tmp_path, monkeypatch):
     monkeypatch.setattr(qemu, "kvm_usable", lambda: "/dev/kvm does not exist")
     accel = qemu.choose_accel(qemu.X86_64, "auto", tmp_path, 5)
@@ -108,3 +120,14 @@ def test_free_port_is_bindable():
     port = qemu.free_port()
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
+
+
+def test_boot_plan_round_trips_through_the_detached_state(tmp_path):
+    from vm import guest
+
+    plan = guest.BootPlan(spec(tmp_path), tmp_path / "run", tmp_path / "key", "patched", "6.12.117", 360.0,
+                          accel_cache=tmp_path / "accel", probe_timeout=10.0)
+    assert guest.plan_from_dict(guest.plan_to_dict(plan)) == plan
+    old = guest.plan_to_dict(plan)
+    del old["accel_cache"], old["probe_timeout"]          # state written before these fields existed
+    assert guest.plan_from_dict(old).accel_cache is None
