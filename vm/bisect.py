@@ -45,7 +45,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from vm import errors, runner
 
@@ -430,9 +430,13 @@ def state_key(repo: Path, inputs_key: str) -> str:
     return hashlib.sha256(f"{repo.resolve()}\0{inputs_key}".encode()).hexdigest()[:12]
 
 
-def bisect(settings, req: Request, series_file: Path, *, image: Path | None = None,
+def bisect(settings, req: Request, series_file: Path, *, image: Callable[[], Path] | None = None,
            fragments_key: str = "") -> Result:
-    """Run the whole bisect; the user's tree is left exactly as it was."""
+    """Run the whole bisect; the user's tree is left exactly as it was.
+
+    ``image`` makes (or finds) the guest image; it is called once the
+    request was checked, so a wrong ref fails in a second, not after mmdebstrap.
+    """
     from vm.patch import parse_series
 
     start = time.monotonic()
@@ -445,6 +449,7 @@ def bisect(settings, req: Request, series_file: Path, *, image: Path | None = No
         raise errors.BadArgument(what=f"--good {req.good} is not an ancestor of --bad {req.bad}",
                                  fix="swap them, or pick a good commit that the bad one contains")
     series = parse_series(series_file)
+    image_path = image() if image is not None else None
     inputs_key = hashlib.sha256(f"{STEP_RECIPE}\0{series.fingerprint()}\0{fragments_key}".encode()).hexdigest()[:12]
     root = settings.sub("bisect") / state_key(repo, fragments_key)
     report_dir = settings.results_dir / "bisect" / req.label
@@ -460,7 +465,7 @@ def bisect(settings, req: Request, series_file: Path, *, image: Path | None = No
             "mtimes": str(root / "mtimes.json"), "report_dir": str(report_dir),
             "series_file": str(series_file), "inputs_key": inputs_key,
             "project_root": str(settings.project_root),
-            "settings": _settings_dict(settings), "image": str(image or ""),
+            "settings": _settings_dict(settings), "image": str(image_path or ""),
             "scenario": req.scenario, "fs": req.fs, "command": list(req.command),
             "on_build_failure": req.on_build_failure, "on_boot_failure": req.on_boot_failure,
         }

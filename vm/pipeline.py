@@ -188,7 +188,9 @@ def bisect(settings: Settings, req, series_file: Path | None = None) -> "object"
     from vm import bisect as bisect_mod
     from vm.scenario import Expectations
 
-    img = None
+    def make_image() -> Path:     # called once the refs are known good
+        return guest_image(settings).path
+
     if req.scenario:
         table = Expectations.load(expectations_file(settings))
         if req.scenario not in table.row_ids:
@@ -197,10 +199,9 @@ def bisect(settings: Settings, req, series_file: Path | None = None) -> "object"
         if req.fs not in table.filesystems:
             raise errors.BadArgument(what=f"unknown filesystem {req.fs!r}",
                                      fix=f"use one of {', '.join(table.filesystems)}")
-        img = guest_image(settings).path
     series_file = series_file or settings.series_file
     parse_series(series_file)   # a missing or broken series is a user error before anything starts
-    return bisect_mod.bisect(settings, req, series_file, image=img,
+    return bisect_mod.bisect(settings, req, series_file, image=make_image if req.scenario else None,
                              fragments_key=kconfig.fingerprint(fragments(settings, False)))
 
 
