@@ -453,13 +453,13 @@ def bisect(settings, req: Request, series_file: Path, *, image: Callable[[], Pat
     inputs_key = hashlib.sha256(f"{STEP_RECIPE}\0{series.fingerprint()}\0{fragments_key}".encode()).hexdigest()[:12]
     root = settings.sub("bisect") / state_key(repo, fragments_key)
     report_dir = settings.results_dir / "bisect" / req.label
-    before = snapshot(repo)
     with _locked(root / "lock"):
         shutil.rmtree(report_dir, ignore_errors=True)
         report_dir.mkdir(parents=True)
         wt, obj = root / "src", root / "obj"
         obj.mkdir(parents=True, exist_ok=True)
         _remove_worktree(repo, wt)      # left over from a run that was killed
+        before = snapshot(repo)         # after that cleanup: the leftover was ours, not the user's
         state = {
             "worktree": str(wt), "obj": str(obj), "kernels": str(root / "kernels"),
             "mtimes": str(root / "mtimes.json"), "report_dir": str(report_dir),

@@ -237,3 +237,15 @@ def test_a_broken_series_is_refused_before_anything_starts(history, tmp_path):
         bisect.bisect(_settings(tmp_path), req, series)
     assert _state(repo) == before
     assert not (tmp_path / "results" / "bisect").exists()
+
+
+def test_a_worktree_left_by_a_killed_run_is_cleaned_up(history, tmp_path):
+    """A run killed with SIGKILL leaves its worktree registered; the next run removes it."""
+    repo, shas, series = history
+    settings = _settings(tmp_path)
+    req = bisect.Request(tree=repo, good=shas[0], bad="main", command=(sys.executable, "-c", JUDGE))
+    root = settings.sub("bisect") / bisect.state_key(repo, "")
+    _git(repo, "worktree", "add", "--detach", "-q", str(root / "src"), shas[2])
+    result = bisect.bisect(settings, req, series)
+    assert result.first_bad == shas[4]
+    assert _git(repo, "worktree", "list").count("\n") == 1
