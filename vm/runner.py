@@ -143,23 +143,25 @@ def _stop_group(proc: subprocess.Popen, grace: float = 15.0) -> None:
     Returns once the group is empty (zombies aside), so the caller may clean up
     the files its members were using.
     """
-    pgid = proc.pid
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
         try:
-            os.killpg(pgid, sig)
+            os.killpg(proc.pid, sig)
         except ProcessLookupError:
             break
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            proc.poll()
-            if not _group_alive(pgid):
-                break
-            time.sleep(0.05)
-        else:
-            continue
-        break
+        if _wait_group_gone(proc, wait):
+            break
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=5)
+
+
+def _wait_group_gone(proc: subprocess.Popen, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        proc.poll()                      # reap the leader, so it does not count as alive
+        if not _group_alive(proc.pid):
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def _group_alive(pgid: int) -> bool:
