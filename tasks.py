@@ -20,6 +20,9 @@ from vm import errors, pipeline, runner  # noqa: E402
 from vm.settings import Settings  # noqa: E402
 
 
+BASE_HELP = "kernel base: patches/<base>/ and its default source (default: ovl.base)"
+
+
 def settings_of(c, **overrides) -> Settings:
     return Settings.from_mapping(dict(c.config.get("ovl", {})), project_root=ROOT, **overrides)
 
@@ -66,7 +69,7 @@ def fetch(c, source=None):
                     "debug": "add kconfig/debug.config (lockdep, KASAN, ...)",
                     "source": "kernel source (see `invoke fetch --help`)",
                     "prefixes": "also build every prefix of the series (prefix-1 .. prefix-N)",
-                    "base": "kernel base: patches/<base>/ and its default source (default: ovl.base)",})
+                    "base": BASE_HELP})
 def build(c, variants="baseline,patched", debug=False, source=None, prefixes=False, base=None):
     """Build kernels (keyed by tree, series and config: unchanged inputs never rebuild)."""
     s = settings_of(c, base=base)
@@ -88,7 +91,7 @@ def image(c):
 
 @harness_task(help={"variant": "baseline, patched or prefix-N", "detach": "leave the guest running",
                     "debug": "boot the debug-config kernel", "accel": "auto, kvm or tcg",
-                    "base": "kernel base: patches/<base>/ and its default source (default: ovl.base)",})
+                    "base": BASE_HELP})
 def boot(c, variant="patched", detach=False, debug=False, accel=None, source=None, base=None):
     """Boot a kernel and check SSH; with --detach leave it running for `invoke ssh`."""
     s = settings_of(c, accel=accel, base=base)
@@ -146,7 +149,7 @@ def stop(c):
                     "k": "pytest -k expression", "debug": "use the debug-config kernels",
                     "source": "kernel source (see `invoke fetch --help`)",
                     "rows_for": "VARIANT=ROW,ROW;...: run only these rows on that variant",
-                    "base": "kernel base: patches/<base>/ and its default source (default: ovl.base)",})
+                    "base": BASE_HELP})
 def test(c, variants="baseline,patched", keep_vm=False, k=None, debug=False, source=None, rows_for=None,
          base=None):
     """Run the scenario suite on booted guests (building what is missing)."""
@@ -179,13 +182,13 @@ def _pytest(s: Settings, args: list[str], name: str, results: Path | None = None
 
 
 @harness_task(help={"bases": "comma list of kernel bases, each with patches/<base>/ and "
-                             "tests/scenarios/bases/<base>.json",
+                             "tests/scenarios/bases/<base>.json (default: ovl.bases)",
                     "variants": "kernel variants to build and test on every base (default: baseline,patched)",
                     "k": "pytest -k expression"})
-def matrix(c, bases="6.1,6.12", variants="baseline,patched", k=None):
+def matrix(c, bases=None, variants="baseline,patched", k=None):
     """Version matrix: build the variants on every base, run the suite on all, render one matrix."""
     s = settings_of(c)
-    wanted = [b.strip() for b in bases.split(",") if b.strip()]
+    wanted = [b.strip() for b in bases.split(",") if b.strip()] if bases else list(s.bases)
     args = []
     for label, kernel in pipeline.matrix_kernels(s, wanted, _variants(variants, False)):
         args += ["--kernel", f"{label}={kernel.build_dir}"]
@@ -198,7 +201,7 @@ def matrix(c, bases="6.1,6.12", variants="baseline,patched", k=None):
 
 
 @harness_task(help={"source": "kernel source whose scripts/checkpatch.pl is used",
-                    "base": "kernel base: patches/<base>/ and its default source (default: ovl.base)",})
+                    "base": BASE_HELP})
 def lint(c, source=None, base=None):
     """checkpatch --strict on every patch, and the cover letter is up to date."""
     s = settings_of(c, base=base)
@@ -209,7 +212,7 @@ def lint(c, source=None, base=None):
         print(f"cover letter up to date: {pipeline.check_cover_letter(s, tree)}")
 
 
-@harness_task(name="cover-letter", help={"base": "kernel base: patches/<base>/ and its default source (default: ovl.base)",})
+@harness_task(name="cover-letter", help={"base": BASE_HELP})
 def cover_letter(c, source=None, base=None):
     """Render patches/<base>/0000-cover-letter.patch from the Jinja2 template."""
     from vm.series_tools import COVER_NAME
