@@ -363,6 +363,7 @@ def _build_step_kernel(ctx: StepContext, settings) -> "object":
 
 def _scenario_step(ctx: StepContext) -> int:
     from vm import junit
+    from vm.build import error_lines
 
     state = ctx.state
     settings = _settings(state)
@@ -371,7 +372,7 @@ def _scenario_step(ctx: StepContext) -> int:
         kernel = _build_step_kernel(ctx, settings)
     except (errors.BuildFailed, errors.ConfigOptionsDropped) as exc:
         code = BAD if state["on_build_failure"] == "bad" else SKIP
-        first = next(iter(_error_lines(build_log)), "") if build_log.is_file() else ""
+        first = next(iter(error_lines(build_log, limit=1)), "") if build_log.is_file() else ""
         why = f"build failed: {first}" if first else f"build failed: {exc}"
         return ctx.record(code, why, build_log)
     xml = ctx.dir / "scenario.xml"
@@ -396,12 +397,6 @@ def _scenario_step(ctx: StepContext) -> int:
         code = BAD if state["on_boot_failure"] == "bad" else SKIP
         return ctx.record(code, f"boot or setup failed: {case.message}", log, str(kernel.build_dir))
     return ctx.record(SKIP, f"{case.name} was skipped: {case.message}", log, str(kernel.build_dir))
-
-
-def _error_lines(log: Path) -> list[str]:
-    from vm.build import error_lines
-
-    return error_lines(log, limit=3)
 
 
 # --- the whole bisect --------------------------------------------------------------

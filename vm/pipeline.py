@@ -199,9 +199,8 @@ def bisect(settings: Settings, req, series_file: Path | None = None) -> "object"
         if req.fs not in table.filesystems:
             raise errors.BadArgument(what=f"unknown filesystem {req.fs!r}",
                                      fix=f"use one of {', '.join(table.filesystems)}")
-    series_file = series_file or settings.series_file
-    parse_series(series_file)   # a missing or broken series is a user error before anything starts
-    return bisect_mod.bisect(settings, req, series_file, image=make_image if req.scenario else None,
+    return bisect_mod.bisect(settings, req, series_file or settings.series_file,
+                             image=make_image if req.scenario else None,
                              fragments_key=kconfig.fingerprint(fragments(settings, False)))
 
 
