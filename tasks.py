@@ -215,7 +215,7 @@ def lint(c, source=None, base=None):
 @harness_task(name="cover-letter", help={"base": BASE_HELP})
 def cover_letter(c, source=None, base=None):
     """Render patches/<base>/0000-cover-letter.patch from the Jinja2 template."""
-    from vm.series_tools import COVER_NAME
+    from vm.kernel.series import COVER_NAME
 
     s = settings_of(c, base=base)
     text = pipeline.cover_letter(s, pipeline.get_tree(s, source))
@@ -236,7 +236,7 @@ def unit(c):
 def mutation(c, source=None):
     """Break the series on purpose (drop patch 4, the errseq check) and show that
     exactly the rows that depend on it fail against the full series' expectations."""
-    from vm import junit
+    from vm.suites import junit
 
     s = settings_of(c)
     tree = pipeline.get_tree(s, source)

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from vm import console, errors, guest as guest_mod, pipeline, scenario
-from vm.build import Kernel
-from vm.image import Image
+from vm import errors, pipeline
+from vm.machine import console, guest as guest_mod
+from vm.suites import scenario
+from vm.kernel.build import Kernel
+from vm.machine.image import Image
 from vm.settings import load
 
 RESULTS = "results"

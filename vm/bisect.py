@@ -213,7 +213,7 @@ def parse_run_output(text: str) -> tuple[str | None, list[str]]:
 
 def apply_series(wt: Path, series_file: Path) -> list[str]:
     """Apply the series in place; returns the files it changed or created."""
-    from vm.patch import apply_patch, parse_series
+    from vm.kernel.patch import apply_patch, parse_series
 
     series = parse_series(series_file)
     for patch in series.patches:
@@ -333,7 +333,8 @@ def step_kernel_dir(state: dict, commit: str) -> Path:
 
 
 def _build_step_kernel(ctx: StepContext, settings) -> "object":
-    from vm import build, kconfig, pipeline
+    from vm import pipeline
+    from vm.kernel import build, kconfig
 
     kdir = step_kernel_dir(ctx.state, ctx.commit)
     if (done := build.existing(kdir)) is not None:
@@ -347,8 +348,8 @@ def _build_step_kernel(ctx: StepContext, settings) -> "object":
     kdir.mkdir(parents=True, exist_ok=True)
     out = kdir / "out"
     build.package(ctx.wt, obj, config, release, tc, log, out, KERNEL_LABEL)
-    from vm.fetch import read_version
-    from vm.patch import parse_series
+    from vm.kernel.fetch import read_version
+    from vm.kernel.patch import parse_series
 
     series = parse_series(Path(ctx.state["series_file"]))
     kernel = build.Kernel(label=KERNEL_LABEL, version=read_version(ctx.wt) or release, key=ctx.commit[:12],
@@ -362,8 +363,8 @@ def _build_step_kernel(ctx: StepContext, settings) -> "object":
 
 
 def _scenario_step(ctx: StepContext) -> int:
-    from vm import junit
-    from vm.build import error_lines
+    from vm.suites import junit
+    from vm.kernel.build import error_lines
 
     state = ctx.state
     settings = _settings(state)
@@ -432,7 +433,7 @@ def bisect(settings, req: Request, series_file: Path, *, image: Callable[[], Pat
     ``image`` makes (or finds) the guest image; it is called once the
     request was checked, so a wrong ref fails in a second, not after mmdebstrap.
     """
-    from vm.patch import parse_series
+    from vm.kernel.patch import parse_series
 
     start = time.monotonic()
     repo = toplevel(req.tree)

@@ -9,8 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from vm import build, errors, fetch, guest, image, kconfig, runner
-from vm.patch import Series, parse_series
+from vm import errors, runner
+from vm.kernel import build, fetch, kconfig
+from vm.machine import guest, image
+from vm.kernel.patch import Series, parse_series
 from vm.settings import Settings
 
 BASELINE = "baseline"
@@ -132,7 +134,7 @@ def find_guest(settings: Settings, label: str | None) -> guest.Guest:
 
 def lint(settings: Settings, tree: fetch.Tree) -> list:
     """checkpatch --strict on every patch; raises if any is not clean."""
-    from vm import series_tools
+    from vm.kernel import series as series_tools
 
     results = series_tools.checkpatch(tree.path, series(settings))
     for r in results:
@@ -153,12 +155,12 @@ def cover_letter(settings: Settings, tree: fetch.Tree) -> str:
     import shutil
     import tempfile
 
-    from vm import series_tools
+    from vm.kernel import series as series_tools
 
     full = series(settings)
     scratch = Path(tempfile.mkdtemp(prefix=".tmp-cover-", dir=settings.sub("builds")))
     try:
-        from vm.patch import prepare_source
+        from vm.kernel.patch import prepare_source
 
         patched = prepare_source(tree.path, full, scratch / "src")
         stat = series_tools.diffstat(tree.path, patched, full)
@@ -170,7 +172,7 @@ def cover_letter(settings: Settings, tree: fetch.Tree) -> str:
 
 
 def check_cover_letter(settings: Settings, tree: fetch.Tree) -> Path:
-    from vm import series_tools
+    from vm.kernel import series as series_tools
 
     path = settings.patches_dir / series_tools.COVER_NAME
     fresh = cover_letter(settings, tree)
@@ -186,7 +188,7 @@ def expectations_file(settings: Settings) -> Path:
 def bisect(settings: Settings, req, series_file: Path | None = None) -> "object":
     """Check the request against the expectations table, then run :func:`vm.bisect.bisect`."""
     from vm import bisect as bisect_mod
-    from vm.scenario import Expectations
+    from vm.suites.scenario import Expectations
 
     def make_image() -> Path:     # called once the refs are known good
         return guest_image(settings).path

@@ -7,7 +7,7 @@ a fresh upper filesystem on dm-flakey per scenario, and the result matrix.
 - ``env`` gives each scenario a fresh dm-flakey device over a scratch disk,
   a freshly made upper fs on it and the overlay dirs; it tears them down
   after the scenario, leaving the session guest ready for the next one.
-- Every scenario records into the session's :class:`vm.report.Matrix`;
+- Every scenario records into the session's :class:`vm.suites.report.Matrix`;
   at the end it is written to ``<results_dir>/matrix.md`` and ``matrix.html``
   and the Markdown is printed in the terminal summary.
 """
@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from vm import console, report, scenario
-from vm.flakey import ERROR_WRITES, NORMAL, Flakey
-from vm.scenario import OverlayDirs
+from vm.machine import console
+from vm.suites import report, scenario
+from vm.machine.flakey import ERROR_WRITES, NORMAL, Flakey
+from vm.suites.scenario import OverlayDirs
 
 EXPECTATIONS = Path(__file__).with_name("expectations.json")
 BASES = Path(__file__).with_name("bases")
@@ -102,7 +103,7 @@ def _message(rep) -> str:
     else:
         text = str(getattr(rep, "longrepr", "") or "")
     text = text.split("\n")[0]
-    for prefix in ("AssertionError: ", "vm.scenario.ExpectationFailed: ", "Failed: ", "Skipped: "):
+    for prefix in ("AssertionError: ", "vm.suites.scenario.ExpectationFailed: ", "Failed: ", "Skipped: "):
         if text.startswith(prefix):
             text = text[len(prefix):]
     return text

@@ -6,8 +6,9 @@ from dataclasses import replace
 
 import pytest
 
-from vm import errors, guest as guest_mod, pipeline
-from vm.ssh import ensure_keypair
+from vm import errors, pipeline
+from vm.machine import guest as guest_mod
+from vm.machine.ssh import ensure_keypair
 
 pytestmark = pytest.mark.guest
 
@@ -78,7 +79,7 @@ def test_kvm_that_cannot_start_the_kernel_falls_back_to_tcg(baseline_kernel, gue
     """Force KVM past the probe: where KVM works the guest runs under it; where the
     KVM guest dies or hangs before the kernel prints (this project's CI host), the
     boot notices within seconds and comes up under TCG instead."""
-    from vm import qemu
+    from vm.machine import qemu
 
     probe_ok, _ = qemu.run_probe(qemu.probe_argv(qemu.X86_64, "kvm", qemu.probe_image(tmp_path / "p.bin")), 10)
     forced = qemu.Accel("kvm", "forced by the test", qemu.KVM_FACTOR)

@@ -2,7 +2,7 @@
 
 A row's steps are written once below; what each checked step must return
 (and which kernel log line must explain a failure) comes from
-``expectations.json`` through :class:`vm.scenario.RowRun`, which raises with
+``expectations.json`` through :class:`vm.suites.scenario.RowRun`, which raises with
 a message naming the row, the step, the outcome and the expectation.
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from vm import scenario
-from vm.scenario import RowRun
+from vm.suites import scenario
+from vm.suites.scenario import RowRun
 
 pytestmark = pytest.mark.guest
 

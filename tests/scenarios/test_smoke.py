@@ -2,8 +2,8 @@
 
 import pytest
 
-from vm import scenario
-from vm.scenario import OverlayDirs
+from vm.suites import scenario
+from vm.suites.scenario import OverlayDirs
 
 pytestmark = pytest.mark.guest
 

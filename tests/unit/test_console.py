@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from vm import console
+from vm.machine import console
 
 pytestmark = pytest.mark.unit
 LOGS = Path(__file__).resolve().parents[1] / "data" / "console"

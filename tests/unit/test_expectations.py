@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from vm import scenario
-from vm.scenario import Expectations, ExpectationFailed, Outcome, RowRun
-from vm.ssh import FakeConnection
+from vm.suites import scenario
+from vm.suites.scenario import Expectations, ExpectationFailed, Outcome, RowRun
+from vm.machine.ssh import FakeConnection
 
 pytestmark = pytest.mark.unit
 

@@ -1,4 +1,4 @@
-"""Unit tests for vm.fetch against a real local HTTP server and small synthetic trees."""
+"""Unit tests for vm.kernel.fetch against a real local HTTP server and small synthetic trees."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from typing import Callable, Iterator
 
 import pytest
 
-from vm import errors, fetch as fetch_mod
-from vm.fetch import SourceSpec, Tree, fetch
+from vm import errors
+from vm.kernel import fetch as fetch_mod
+from vm.kernel.fetch import SourceSpec, Tree, fetch
 from vm.runner import run
 
 pytestmark = pytest.mark.unit

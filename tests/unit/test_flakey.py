@@ -2,9 +2,9 @@
 
 import pytest
 
-from vm import flakey
-from vm.flakey import Flakey, FlakeyError
-from vm.ssh import CommandResult, FakeConnection
+from vm.machine import flakey
+from vm.machine.flakey import Flakey, FlakeyError
+from vm.machine.ssh import CommandResult, FakeConnection
 
 pytestmark = pytest.mark.unit
 

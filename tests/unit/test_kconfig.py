@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from vm import errors, kconfig, pipeline
+from vm import errors, pipeline
+from vm.kernel import kconfig
 from vm.settings import load
 
 pytestmark = pytest.mark.unit

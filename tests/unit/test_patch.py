@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from vm import errors, patch
+from vm import errors
+from vm.kernel import patch
 
 pytestmark = pytest.mark.unit
 

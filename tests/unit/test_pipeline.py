@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from vm import build, errors, kconfig, pipeline
-from vm.patch import parse_series
+from vm import errors, pipeline
+from vm.kernel import build, kconfig
+from vm.kernel.patch import parse_series
 from vm.settings import Settings, load
 
 pytestmark = pytest.mark.unit

@@ -3,7 +3,8 @@
 
 import pytest
 
-from vm import errors, qemu
+from vm import errors
+from vm.machine import qemu
 
 pytestmark = pytest.mark.unit
 
@@ -123,7 +124,7 @@ def test_free_port_is_bindable():
 
 
 def test_boot_plan_round_trips_through_the_detached_state(tmp_path):
-    from vm import guest
+    from vm.machine import guest
 
     plan = guest.BootPlan(spec(tmp_path), tmp_path / "run", tmp_path / "key", "patched", "6.12.117", 360.0,
                           accel_cache=tmp_path / "accel", probe_timeout=10.0)

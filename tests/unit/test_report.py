@@ -2,8 +2,8 @@
 
 import pytest
 
-from vm import report
-from vm.report import Matrix, Step
+from vm.suites import report
+from vm.suites.report import Matrix, Step
 
 pytestmark = pytest.mark.unit
 

@@ -4,8 +4,8 @@ import errno
 
 import pytest
 
-from vm import scenario
-from vm.ssh import FakeConnection
+from vm.suites import scenario
+from vm.machine.ssh import FakeConnection
 
 pytestmark = pytest.mark.unit
 

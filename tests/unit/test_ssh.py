@@ -1,4 +1,4 @@
-"""vm.ssh against a real sshd on 127.0.0.1 (started per module), plus FakeConnection."""
+"""vm.machine.ssh against a real sshd on 127.0.0.1 (started per module), plus FakeConnection."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import paramiko
 import pytest
 
 from vm import errors
-from vm.ssh import (CommandResult, FakeConnection, GuestCommandFailed, GuestCommandTimeout,
+from vm.machine.ssh import (CommandResult, FakeConnection, GuestCommandFailed, GuestCommandTimeout,
                     GuestConnection, SSHAuthFailed, ensure_keypair, render)
 
 pytestmark = pytest.mark.unit

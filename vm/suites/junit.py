@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
+
+
+#: the exception class pytest puts before a message: "vm.errors.ExpectationFailed: ", "Failed: "
+_EXC_PREFIX = re.compile(r"^(?:[A-Za-z_][\w]*\.)*(?:[A-Z]\w*(?:Error|Failed|Exception)|Failed): ")
 
 
 @dataclass(frozen=True)
@@ -25,8 +30,7 @@ def cases(path: Path) -> list[Case]:
                 outcome = {"failure": "failed"}.get(tag, tag)
                 message = (node.get("message") or node.text or "").strip().splitlines()[:1]
                 message = message[0] if message else ""
-                for prefix in ("vm.scenario.ExpectationFailed: ", "AssertionError: ", "Failed: "):
-                    message = message.removeprefix(prefix)
+                message = _EXC_PREFIX.sub("", message, count=1)
                 break
         found.append(Case(case.get("name", ""), outcome, message))
     return found

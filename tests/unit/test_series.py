@@ -4,7 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from vm import errors, patch, series_tools
+from vm import errors
+from vm.kernel import patch
+from vm.kernel import series as series_tools
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]

@@ -271,7 +271,7 @@ def reload_overlay_module(g: Runs):
 
 
 def reboot(guest) -> float:
-    """Reboot ``guest`` (a :class:`vm.guest.Guest`) keeping its disks; seconds it took."""
+    """Reboot ``guest`` (a :class:`vm.machine.guest.Guest`) keeping its disks; seconds it took."""
     start = time.monotonic()
     guest.reboot()
     return time.monotonic() - start

@@ -255,7 +255,7 @@ class GuestConnection:
         except FileNotFoundError as exc:
             raise self._unreachable(
                 f"private key {self.key_path} does not exist",
-                "create it with vm.ssh.ensure_keypair() and rebuild the guest image") from exc
+                "create it with vm.machine.ssh.ensure_keypair() and rebuild the guest image") from exc
         except (OSError, paramiko.SSHException) as exc:
             raise self._unreachable(
                 f"cannot load private key {self.key_path}: {exc}",

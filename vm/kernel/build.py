@@ -24,8 +24,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from vm import errors, kconfig, runner
-from vm.patch import Series, prepare_source
+from vm import errors, runner
+from vm.kernel import kconfig
+from vm.kernel.patch import Series, prepare_source
 
 #: bump when the recipe below changes in a way that changes the output
 RECIPE_VERSION = "1"

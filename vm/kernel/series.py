@@ -13,7 +13,7 @@ from pathlib import Path
 import jinja2
 
 from vm import errors, runner
-from vm.patch import Series
+from vm.kernel.patch import Series
 
 COVER_NAME = "0000-cover-letter.patch"
 # Per-base prose of the cover letter, next to the series file (patches/<base>/).

@@ -19,11 +19,12 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from vm import console, errors, qemu, runner
-from vm.build import Kernel
-from vm.image import Image
+from vm import errors, runner
+from vm.machine import console, qemu
+from vm.kernel.build import Kernel
+from vm.machine.image import Image
 from vm.settings import Settings
-from vm.ssh import GuestCommandTimeout, GuestConnection, ensure_keypair
+from vm.machine.ssh import GuestCommandTimeout, GuestConnection, ensure_keypair
 
 STATE_FILE = "guest.json"
 #: seconds a KVM guest may stay silent before we decide it hangs in firmware

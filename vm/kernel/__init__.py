@@ -1,0 +1,1 @@
+"""Kernel side: fetch a tree, apply the series, merge and validate the config, build."""
