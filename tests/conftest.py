@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 
 from vm import errors, pipeline
-from vm.machine import console, guest as guest_mod
-from vm.suites import scenario
 from vm.kernel.build import Kernel
+from vm.machine import console
+from vm.machine import guest as guest_mod
 from vm.machine.image import Image
 from vm.settings import load
+from vm.suites import scenario
 
 RESULTS = "results"
 

@@ -58,19 +58,6 @@ KERNEL_LABEL = "bisect"
 STEP_RECIPE = "1"
 
 
-class BisectFailed(errors.InfraError):
-    message = "bisect did not finish: {reason}; fix: {fix}"
-
-
-class TreeChanged(errors.InfraError):
-    message = ("the bisect changed {repo} ({what}); fix: this is a harness bug, "
-               "inspect the tree (`git status`, `git worktree list`) and report it")
-
-
-class BisectBusy(errors.UserError):
-    message = "another bisect is using {path}; fix: wait for it to finish or stop it"
-
-
 # --- git ------------------------------------------------------------------------
 
 def git(repo: Path, *args: str, check: bool = True, quiet: bool = True) -> runner.Result:
@@ -363,8 +350,8 @@ def _build_step_kernel(ctx: StepContext, settings) -> "object":
 
 
 def _scenario_step(ctx: StepContext) -> int:
-    from vm.suites import junit
     from vm.kernel.build import error_lines
+    from vm.suites import junit
 
     state = ctx.state
     settings = _settings(state)
@@ -409,7 +396,7 @@ def _locked(path: Path) -> Iterator[None]:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise BisectBusy(path=path.parent) from None
+            raise errors.BisectBusy(path=path.parent) from None
         yield
 
 
@@ -487,7 +474,7 @@ def bisect(settings, req: Request, series_file: Path, *, image: Callable[[], Pat
                 aborted = [s for s in result.steps if s.verdict == "abort"]
                 reason = (f"step {aborted[-1].n} at {aborted[-1].commit[:12]}: {aborted[-1].reason}"
                           if aborted else f"`git bisect run` exited {rc}: {runner.tail(log.read_text(), 2)}")
-                raise BisectFailed(reason=reason, fix=f"see {log}; the user tree is unchanged")
+                raise errors.BisectFailed(reason=reason, fix=f"see {log}; the user tree is unchanged")
             result.status = "done" if result.first_bad else "undecided"
             if result.first_bad:
                 result.first_bad_subject = subject(repo, result.first_bad)
@@ -499,7 +486,7 @@ def bisect(settings, req: Request, series_file: Path, *, image: Callable[[], Pat
             after = snapshot(repo)
             changed = before.differences(after)
             if changed:
-                raise TreeChanged(repo=repo, what=", ".join(changed))
+                raise errors.TreeChanged(repo=repo, what=", ".join(changed))
     return result
 
 

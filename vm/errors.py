@@ -138,3 +138,75 @@ class StaleCoverLetter(UserError):
 
     def __init__(self, *, path: object, **kwargs: object) -> None:
         super().__init__(path=path, base=Path(str(path)).parent.name, **kwargs)
+
+
+# --- ssh -------------------------------------------------------------------
+
+class GuestCommandFailed(InfraError):
+    message = "guest command `{cmd}` exited {rc}{detail}; fix: {fix}"
+
+
+class GuestCommandTimeout(InfraError):
+    message = ("guest command `{cmd}` did not finish within {timeout:g}s (its channel was closed); "
+               "fix: {fix}")
+
+
+class SSHAuthFailed(SSHUnreachable):
+    """The guest answered but refused the project's key (never worth retrying)."""
+
+
+class BadKey(UserError):
+    message = "SSH key {path} is unusable ({reason}); fix: {fix}"
+
+
+# --- dm-flakey -------------------------------------------------------------
+
+class FlakeyError(InfraError):
+    message = "dm-flakey {name}: {what}; fix: {fix}"
+
+
+# --- bisect ----------------------------------------------------------------
+
+class BisectFailed(InfraError):
+    message = "bisect did not finish: {reason}; fix: {fix}"
+
+
+class TreeChanged(InfraError):
+    message = ("the bisect changed {repo} ({what}); fix: this is a harness bug, "
+               "inspect the tree (`git status`, `git worktree list`) and report it")
+
+
+class BisectBusy(UserError):
+    message = "another bisect is using {path}; fix: wait for it to finish or stop it"
+
+
+# --- fetch -----------------------------------------------------------------
+
+class ExtractFailed(InfraError):
+    message = "could not extract {path} into {dest}: {reason}; fix: {fix}"
+
+
+class CacheUnusable(InfraError):
+    message = "cache dir {path} is unusable ({reason}); fix: {fix}"
+
+
+# --- console ---------------------------------------------------------------
+
+class ConsoleTimeout(InfraError):
+    """The console made no progress before the deadline (the boot code turns it into a GuestBootFailed)."""
+
+    message = "no console progress before the deadline ({path}); fix: raise ovl.boot_timeout or read the log"
+
+
+# --- scenarios -------------------------------------------------------------
+
+class ExpectationError(UserError):
+    """The expectations table (tests/scenarios/expectations.json or a bases/ file) is malformed."""
+
+    message = "{detail}; fix: correct the expectations table"
+
+
+class ExpectationFailed(AssertionError):
+    """A scenario's verdict, not a harness error: a step returned what the table does not
+    expect.  An AssertionError so that pytest reports the scenario as *failed* (never as an
+    error) and the mutation check can tell the two apart."""

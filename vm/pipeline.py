@@ -11,8 +11,8 @@ from pathlib import Path
 
 from vm import errors, runner
 from vm.kernel import build, fetch, kconfig
-from vm.machine import guest, image
 from vm.kernel.patch import Series, parse_series
+from vm.machine import guest, image
 from vm.settings import Settings
 
 BASELINE = "baseline"

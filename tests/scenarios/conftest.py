@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from vm.machine import console
-from vm.suites import report, scenario
 from vm.machine.flakey import ERROR_WRITES, NORMAL, Flakey
+from vm.suites import report, scenario
 from vm.suites.scenario import OverlayDirs
 
 EXPECTATIONS = Path(__file__).with_name("expectations.json")
@@ -103,7 +103,7 @@ def _message(rep) -> str:
     else:
         text = str(getattr(rep, "longrepr", "") or "")
     text = text.split("\n")[0]
-    for prefix in ("AssertionError: ", "vm.suites.scenario.ExpectationFailed: ", "Failed: ", "Skipped: "):
+    for prefix in ("AssertionError: ", "vm.errors.ExpectationFailed: ", "Failed: ", "Skipped: "):
         if text.startswith(prefix):
             text = text[len(prefix):]
     return text

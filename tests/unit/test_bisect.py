@@ -127,7 +127,7 @@ def test_aborting_step_is_an_error_and_tree_is_restored(history, tmp_path):
     repo, shas, series = history
     before = _state(repo)
     req = bisect.Request(tree=repo, good=shas[0], bad="main", command=(sys.executable, "-c", "raise SystemExit(200)"))
-    with pytest.raises(bisect.BisectFailed, match="command exited 200"):
+    with pytest.raises(errors.BisectFailed, match="command exited 200"):
         bisect.bisect(_settings(tmp_path), req, series)
     assert _state(repo) == before
 

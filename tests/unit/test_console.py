@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from vm import errors
 from vm.machine import console
 
 pytestmark = pytest.mark.unit
@@ -82,7 +83,7 @@ def test_follow_enforces_deadline(tmp_path):
     log = tmp_path / "console.log"
     log.write_text("")
     start = time.monotonic()
-    with pytest.raises(console.ConsoleTimeout):
+    with pytest.raises(errors.ConsoleTimeout):
         for _ in console.follow(log, deadline=time.monotonic() + 0.3, poll=0.05):
             pass
     assert time.monotonic() - start < 2

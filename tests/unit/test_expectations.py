@@ -5,9 +5,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.fakes import FakeConnection
+from vm import errors
 from vm.suites import scenario
-from vm.suites.scenario import Expectations, ExpectationFailed, Outcome, RowRun
-from vm.machine.ssh import FakeConnection
+from vm.suites.scenario import Expectations, Outcome, RowRun
 
 pytestmark = pytest.mark.unit
 
@@ -43,7 +44,7 @@ def test_every_variant_has_an_expectation_for_every_row(table, label):
 
 
 def test_unknown_variant_is_an_error(table):
-    with pytest.raises(scenario.ExpectationError, match="no expectations for kernel variant"):
+    with pytest.raises(errors.ExpectationError, match="no expectations for kernel variant"):
         table.get("fresh-volatile", "prefix-9")
 
 
@@ -101,13 +102,13 @@ def test_every_row_has_a_scenario(table):
 def test_bad_table_is_rejected():
     data = {"variants": {"baseline": {"behaves_as": "B"}},
             "rows": {"r": {"B": [{"step": "remount volatile", "expect": "EINVAL"}]}}}
-    with pytest.raises(scenario.ExpectationError, match="must name the kernel log line"):
+    with pytest.raises(errors.ExpectationError, match="must name the kernel log line"):
         Expectations(data)
     data["rows"]["r"]["B"][0].update(expect="ENOENT", log=["x"])
-    with pytest.raises(scenario.ExpectationError, match="is not one of"):
+    with pytest.raises(errors.ExpectationError, match="is not one of"):
         Expectations(data)
     data["rows"]["r"] = {"P": [{"step": "mount volatile", "expect": "OK"}]}
-    with pytest.raises(scenario.ExpectationError, match="has no 'B' column"):
+    with pytest.raises(errors.ExpectationError, match="has no 'B' column"):
         Expectations(data)
 
 
@@ -137,7 +138,7 @@ def test_rowrun_names_the_broken_expectation(table):
     run.step("mount volatile", scenario.OK)
     log = ["[1.0] overlayfs: volatile reuse refused: instance id changed, upper fs was unmounted",
            "[1.0] overlayfs: overlay with incompat feature 'volatile' cannot be mounted"]
-    with pytest.raises(ExpectationFailed) as err:
+    with pytest.raises(errors.ExpectationFailed) as err:
         run.step("remount volatile", EINVAL, log)
     text = str(err.value)
     assert text.startswith("volatile-to-volatile[xfs-patched]: remount volatile returned EINVAL, "
@@ -149,7 +150,7 @@ def test_rowrun_names_the_broken_expectation(table):
 def test_rowrun_requires_the_log_line(table):
     run = _run(table, "upper-remounted")
     run.step("mount volatile", scenario.OK)
-    with pytest.raises(ExpectationFailed, match="the kernel log lacks 'volatile reuse refused: "
+    with pytest.raises(errors.ExpectationFailed, match="the kernel log lacks 'volatile reuse refused: "
                                                 "instance id changed'"):
         run.step("remount volatile", EINVAL, ["overlayfs: overlay with incompat feature "
                                               "'volatile' cannot be mounted"])
@@ -165,7 +166,7 @@ def test_rowrun_runs_the_checks_the_table_asks_for(table):
     run = _run(table, "fresh-volatile", checks={
         "dirty": lambda: called.append("dirty"),
         "checkpoint": lambda: "trusted.overlay.volatile is not set on work/incompat/volatile"})
-    with pytest.raises(ExpectationFailed, match="returned OK as expected, but trusted.overlay.volatile "
+    with pytest.raises(errors.ExpectationFailed, match="returned OK as expected, but trusted.overlay.volatile "
                                                 "is not set"):
         run.step("mount volatile", scenario.OK)
     assert called == ["dirty"]
@@ -174,15 +175,15 @@ def test_rowrun_runs_the_checks_the_table_asks_for(table):
 def test_rowrun_reports_missing_and_unexpected_steps(table):
     run = _run(table)
     run.step("mount volatile", scenario.OK)
-    with pytest.raises(ExpectationFailed, match="ended before the table's steps remount volatile"):
+    with pytest.raises(errors.ExpectationFailed, match="ended before the table's steps remount volatile"):
         run.finish()
     run = _run(table)
-    with pytest.raises(ExpectationFailed, match="ran step 'remount plain' where the table expects "
+    with pytest.raises(errors.ExpectationFailed, match="ran step 'remount plain' where the table expects "
                                                 "'mount volatile'"):
         run.step("remount plain", scenario.OK)
     run = _run(table, "fresh-volatile")
     run.step("mount volatile", scenario.OK)
-    with pytest.raises(ExpectationFailed, match="expects no step after"):
+    with pytest.raises(errors.ExpectationFailed, match="expects no step after"):
         run.step("remount volatile", scenario.OK)
 
 
@@ -292,7 +293,7 @@ def test_a_base_difference_overrides_the_table(label, base, expected):
 ], ids=["no-why", "blank-why", "unknown-column"])
 def test_base_differences_are_validated(diff, match):
     data = Expectations.load(TABLE).data
-    with pytest.raises(scenario.ExpectationError, match=match):
+    with pytest.raises(errors.ExpectationError, match=match):
         Expectations(data, "t", {"6.1": {"base": "6.1", "differences": {"patched": {"fresh-volatile": diff}}}})
 
 

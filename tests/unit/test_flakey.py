@@ -2,9 +2,11 @@
 
 import pytest
 
+from tests.fakes import FakeConnection
+from vm import errors
 from vm.machine import flakey
-from vm.machine.flakey import Flakey, FlakeyError
-from vm.machine.ssh import CommandResult, FakeConnection
+from vm.machine.flakey import Flakey
+from vm.machine.ssh import CommandResult
 
 pytestmark = pytest.mark.unit
 
@@ -70,7 +72,7 @@ def test_create_makes_the_node_without_udev():
 def test_node_that_never_appears_is_an_error():
     conn = fake(node_after_mknodes=True)
     conn.responses["dmsetup mknodes"] = CommandResult("", 0, "", "")   # does nothing
-    with pytest.raises(FlakeyError, match="did not appear"):
+    with pytest.raises(errors.FlakeyError, match="did not appear"):
         Flakey(conn, DEV).create()
 
 
@@ -95,7 +97,7 @@ def test_failed_load_resumes_the_old_table():
     conn.responses = {"dmsetup load": CommandResult("", 1, "", "device-mapper: reload ioctl failed"),
                       **conn.responses}
     del conn.calls[:]
-    with pytest.raises(FlakeyError, match="reload ioctl failed"):
+    with pytest.raises(errors.FlakeyError, match="reload ioctl failed"):
         fl.load("error_writes")
     assert conn.calls[-1] == "dmsetup resume ovl-flakey"
 
@@ -103,7 +105,7 @@ def test_failed_load_resumes_the_old_table():
 def test_failed_create_names_the_command():
     conn = fake()
     conn.responses["dmsetup create"] = CommandResult("", 1, "", "Device or resource busy")
-    with pytest.raises(FlakeyError, match=r"dmsetup create ovl-flakey .* exited 1.*busy"):
+    with pytest.raises(errors.FlakeyError, match=r"dmsetup create ovl-flakey .* exited 1.*busy"):
         Flakey(conn, DEV).create()
 
 

@@ -10,7 +10,7 @@ XML = """<?xml version="1.0" encoding="utf-8"?>
 <testsuites><testsuite name="pytest" tests="4">
 <testcase classname="t" name="test_row[a-ext4-patched]" time="1"/>
 <testcase classname="t" name="test_row[b-ext4-patched]" time="1">
-  <failure message="vm.suites.scenario.ExpectationFailed: b[ext4-patched]: remount volatile returned OK, expected EINVAL&#10;more">x</failure>
+  <failure message="vm.errors.ExpectationFailed: b[ext4-patched]: remount volatile returned OK, expected EINVAL&#10;more">x</failure>
 </testcase>
 <testcase classname="t" name="test_row[c-ext4-patched]" time="1">
   <error message="failed on setup with &quot;vm.errors.GuestBootFailed: guest panicked&quot;">x</error>

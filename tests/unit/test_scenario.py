@@ -4,8 +4,9 @@ import errno
 
 import pytest
 
+from tests.fakes import FakeConnection
+from vm import errors
 from vm.suites import scenario
-from vm.machine.ssh import FakeConnection
 
 pytestmark = pytest.mark.unit
 
@@ -21,7 +22,7 @@ def test_parse_outcome(stdout, status, expected):
 
 
 def test_parse_outcome_without_verdict_is_an_error():
-    with pytest.raises(RuntimeError, match="no verdict"):
+    with pytest.raises(errors.GuestCommandFailed, match="no verdict"):
         scenario.parse_outcome("usage: ...", 2)
 
 

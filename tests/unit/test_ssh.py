@@ -14,9 +14,9 @@ from pathlib import Path
 import paramiko
 import pytest
 
+from tests.fakes import FakeConnection
 from vm import errors
-from vm.machine.ssh import (CommandResult, FakeConnection, GuestCommandFailed, GuestCommandTimeout,
-                    GuestConnection, SSHAuthFailed, ensure_keypair, render)
+from vm.machine.ssh import CommandResult, GuestConnection, ensure_keypair, render
 
 pytestmark = pytest.mark.unit
 
@@ -256,12 +256,12 @@ def test_lifecycle(conn, sshd_port, keys):
 def test_check_raises_one_line(conn):
     res = conn.run(["sh", "-c", "echo first >&2; echo 'last line' >&2; exit 3"])
     assert not res.ok
-    with pytest.raises(GuestCommandFailed) as info:
+    with pytest.raises(errors.GuestCommandFailed) as info:
         res.check()
     text = _one_line(info.value)
     assert "exited 3" in text and "last line" in text and "sh -c" in text
     assert isinstance(info.value, errors.InfraError)
-    with pytest.raises(GuestCommandFailed):
+    with pytest.raises(errors.GuestCommandFailed):
         conn.run(["false"], check=True)
     assert conn.run(["true"], check=True).ok
 
@@ -273,7 +273,7 @@ def test_timeout_closes_channel_fast(conn, tmp_path):
     pidfile = tmp_path / "sleep.pid"
     t0 = time.monotonic()
     try:
-        with pytest.raises(GuestCommandTimeout) as info:
+        with pytest.raises(errors.GuestCommandTimeout) as info:
             conn.run(["sh", "-c", 'echo $$ > "$1"; exec sleep 30', "sh", str(pidfile)],
                      timeout=1)
         assert time.monotonic() - t0 < 3
@@ -301,7 +301,7 @@ def test_dropped_connection_mid_command(conn):
 def test_wrong_key_is_auth_failure(sshd_port, tmp_path):
     other, _ = ensure_keypair(tmp_path / "other")
     c = GuestConnection("127.0.0.1", sshd_port, key_path=other, connect_timeout=5)
-    with pytest.raises(SSHAuthFailed) as info:
+    with pytest.raises(errors.SSHAuthFailed) as info:
         c.run(["true"])
     text = _one_line(info.value)
     assert "authorized_keys" in text and f"127.0.0.1:{sshd_port}" in text
@@ -310,7 +310,7 @@ def test_wrong_key_is_auth_failure(sshd_port, tmp_path):
     c.close()
     # never worth retrying: wait_until_up raises at once
     t0 = time.monotonic()
-    with pytest.raises(SSHAuthFailed):
+    with pytest.raises(errors.SSHAuthFailed):
         c.wait_until_up(30)
     assert time.monotonic() - t0 < 5
 
@@ -458,7 +458,7 @@ def test_fake_connection_records_and_scripts():
     assert fake.is_open
     res = fake.run(["mount", "-t", "overlay", "overlay", "/mnt"])
     assert (res.exit_status, res.argv) == (32, ("mount", "-t", "overlay", "overlay", "/mnt"))
-    with pytest.raises(GuestCommandFailed, match="wrong fs type"):
+    with pytest.raises(errors.GuestCommandFailed, match="wrong fs type"):
         res.check()
     assert fake.run(["mount"]).stdout == "never reached for overlay\n"
     assert fake.run("cat /proc/x").stdout == "saw cat /proc/x"
@@ -484,5 +484,5 @@ def test_fake_connection_strict():
     assert fake.run(["true"]).ok
     with pytest.raises(AssertionError, match="unexpected command 'rm -rf /'"):
         fake.run(["rm", "-rf", "/"])
-    with pytest.raises(GuestCommandFailed):
+    with pytest.raises(errors.GuestCommandFailed):
         FakeConnection({"x": lambda cmd: 4}).run(["x"], check=True)

@@ -50,14 +50,6 @@ _MAKEFILE_VAR_RE = re.compile(r"^(VERSION|PATCHLEVEL|SUBLEVEL|EXTRAVERSION)\s*=[
                               re.MULTILINE)
 
 
-class ExtractFailed(errors.InfraError):
-    message = "could not extract {path} into {dest}: {reason}; fix: {fix}"
-
-
-class CacheUnusable(errors.InfraError):
-    message = "cache dir {path} is unusable ({reason}); fix: {fix}"
-
-
 @dataclass(frozen=True)
 class Tree:
     path: Path       # the source root (contains the top-level Makefile)
@@ -224,7 +216,7 @@ class Cache:
             self.trees.mkdir(parents=True, exist_ok=True)
             fh = open(self.root / ".lock", "w")
         except OSError as exc:
-            raise CacheUnusable(path=self.root, reason=exc.strerror or str(exc),
+            raise errors.CacheUnusable(path=self.root, reason=exc.strerror or str(exc),
                                 fix="pass a writable cache dir") from exc
         with fh:
             try:
@@ -629,7 +621,7 @@ def extract(tarball: Path, dest: Path, *, progress: bool = True) -> Path:
     except OSError as exc:
         if exc.errno is None:  # gzip.BadGzipFile, bz2 "Invalid data stream"
             raise _corrupt(tarball, exc) from exc
-        raise ExtractFailed(path=tarball, dest=dest, reason=exc.strerror or str(exc),
+        raise errors.ExtractFailed(path=tarball, dest=dest, reason=exc.strerror or str(exc),
                             fix="check free space and permissions of the cache dir") from exc
     root = dest / guard.top_name(tarball)
     if read_version(root) is None:

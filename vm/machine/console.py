@@ -15,6 +15,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from vm import errors
+
 READY_MARKER = "ovl-init: guest ready"
 
 
@@ -83,10 +85,6 @@ def find_splats(lines: Iterable[str], context: int = 25) -> list[Splat]:
     return found
 
 
-class ConsoleTimeout(Exception):
-    pass
-
-
 def follow(path: Path, *, deadline: float, alive: Callable[[], bool] = lambda: True,
            sink: Callable[[str], None] | None = None, start: int = 0,
            poll: float = 0.2) -> Iterator[str]:
@@ -121,7 +119,7 @@ def follow(path: Path, *, deadline: float, alive: Callable[[], bool] = lambda: T
                 yield pending
             return
         if time.monotonic() > deadline:
-            raise ConsoleTimeout(f"no progress before the deadline ({path})")
+            raise errors.ConsoleTimeout(path=path)
         time.sleep(poll)
 
 

@@ -39,10 +39,6 @@ TABLES = {
 DEFAULT_NAME = "ovl-flakey"
 
 
-class FlakeyError(errors.InfraError):
-    message = "dm-flakey {name}: {what}; fix: {fix}"
-
-
 def table(kind: str, size: int, backing: str) -> str:
     try:
         return TABLES[kind].format(size=size, dev=backing)
@@ -110,7 +106,7 @@ class Flakey:
         res = self.g.run(argv)
         if res.exit_status != 0:
             detail = (res.stderr or res.stdout).strip().splitlines()
-            raise FlakeyError(name=self.name, fix=fix,
+            raise errors.FlakeyError(name=self.name, fix=fix,
                               what=f"`{' '.join(argv)}` exited {res.exit_status} while {what}"
                                    + (f": {detail[-1]}" if detail else ""))
         return res
@@ -126,10 +122,10 @@ class Flakey:
         try:
             size = int(out)
         except ValueError:
-            raise FlakeyError(name=self.name, what=f"blockdev --getsz {self.backing} printed {out!r}",
+            raise errors.FlakeyError(name=self.name, what=f"blockdev --getsz {self.backing} printed {out!r}",
                               fix="check the scratch disk") from None
         if size <= 0:
-            raise FlakeyError(name=self.name, what=f"{self.backing} has {size} sectors",
+            raise errors.FlakeyError(name=self.name, what=f"{self.backing} has {size} sectors",
                               fix="check the scratch disk")
         return size
 
@@ -144,7 +140,7 @@ class Flakey:
             return
         self._run(["dmsetup", "mknodes", self.name], "making the device node (no udev in the guest)")
         if not self._node_present():
-            raise FlakeyError(name=self.name, what=f"{self.device} did not appear after dmsetup mknodes",
+            raise errors.FlakeyError(name=self.name, what=f"{self.device} did not appear after dmsetup mknodes",
                               fix="check devtmpfs and /dev/mapper in the guest")
 
     # --- lifecycle -------------------------------------------------------
@@ -162,7 +158,7 @@ class Flakey:
         self._run(["dmsetup", "suspend", "--nolockfs", self.name], f"suspending to load {kind}")
         try:
             self._run(["dmsetup", "load", self.name, "--table", new], f"loading the {kind} table")
-        except FlakeyError:
+        except errors.FlakeyError:
             # a suspended device would hang every later I/O: resume the old table
             self.g.run(["dmsetup", "resume", self.name])
             raise

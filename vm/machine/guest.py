@@ -20,11 +20,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from vm import errors, runner
-from vm.machine import console, qemu
 from vm.kernel.build import Kernel
+from vm.machine import console, qemu
 from vm.machine.image import Image
+from vm.machine.ssh import GuestConnection, ensure_keypair
 from vm.settings import Settings
-from vm.machine.ssh import GuestCommandTimeout, GuestConnection, ensure_keypair
 
 STATE_FILE = "guest.json"
 #: seconds a KVM guest may stay silent before we decide it hangs in firmware
@@ -170,7 +170,7 @@ class Guest:
                     raise errors.KvmHang(seconds=time.monotonic() - start)
                 self._fail(f"QEMU exited during boot ({_tail_file(self.plan.run_dir / 'qemu.log')})",
                            "read the console and qemu logs")
-        except console.ConsoleTimeout:
+        except errors.ConsoleTimeout:
             if kvm and not seen_output:
                 raise errors.KvmHang(seconds=self.plan.boot_timeout) from None
             self._fail(f"did not finish booting in {self.plan.boot_timeout:.0f}s",
@@ -230,7 +230,7 @@ class Guest:
         try:
             self.conn.run(["sh", "-c", "sync; setsid sh -c 'sleep 1; echo b > /proc/sysrq-trigger' "
                                        "</dev/null >/dev/null 2>&1 &"], timeout=10)
-        except (errors.SSHUnreachable, GuestCommandTimeout):
+        except (errors.SSHUnreachable, errors.GuestCommandTimeout):
             pass
         deadline = time.monotonic() + 30 * self.plan.spec.accel.timeout_factor
         while self._alive() and time.monotonic() < deadline:

@@ -16,14 +16,13 @@ arguments are never glued together by hand), or a string that is sent as-is
 and is an explicit shell snippet.  Failures become one-line
 :class:`~vm.errors.HarnessError` messages naming the cause and the fix.
 
-:class:`FakeConnection` has the same public API and scripted results, for
-unit tests of code that drives a guest.
+:class:`tests.fakes.FakeConnection` has the same public API and scripted
+results, for unit tests of code that drives a guest.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import os
 import select
@@ -46,25 +45,6 @@ KEY_COMMENT = "ovl-volatile-harness"
 KEY_NAME = "id_ed25519"
 
 Cmd = Union[Sequence[str], str]
-
-
-# --- errors ------------------------------------------------------------------
-
-class GuestCommandFailed(errors.InfraError):
-    message = "guest command `{cmd}` exited {rc}{detail}; fix: {fix}"
-
-
-class GuestCommandTimeout(errors.InfraError):
-    message = ("guest command `{cmd}` did not finish within {timeout:g}s (its channel was closed); "
-               "fix: {fix}")
-
-
-class SSHAuthFailed(errors.SSHUnreachable):
-    """The guest answered but refused the project's key (never worth retrying)."""
-
-
-class BadKey(errors.UserError):
-    message = "SSH key {path} is unusable ({reason}); fix: {fix}"
 
 
 def _oneline(text: str, limit: int = 200) -> str:
@@ -120,7 +100,7 @@ class CommandResult:
         if not self.ok:
             detail = tail(self.stderr or self.stdout, 3)
             rc = self.exit_status if self.exit_status >= 0 else "without a status (killed by a signal?)"
-            raise GuestCommandFailed(cmd=_oneline(self.command), rc=rc,
+            raise errors.GuestCommandFailed(cmd=_oneline(self.command), rc=rc,
                                      detail=f": {_oneline(detail, 400)}" if detail else "",
                                      fix=fix)
         return self
@@ -186,9 +166,9 @@ def ensure_keypair(directory: Path) -> tuple[Path, str]:
     try:
         key = serialization.load_ssh_private_key(priv_path.read_bytes(), password=None)
     except (ValueError, TypeError) as exc:
-        raise BadKey(path=priv_path, reason=_oneline(exc), fix=fix) from exc
+        raise errors.BadKey(path=priv_path, reason=_oneline(exc), fix=fix) from exc
     if not isinstance(key, ed25519.Ed25519PrivateKey):
-        raise BadKey(path=priv_path, reason=f"{type(key).__name__}, not ed25519", fix=fix)
+        raise errors.BadKey(path=priv_path, reason=f"{type(key).__name__}, not ed25519", fix=fix)
     if (priv_path.stat().st_mode & 0o777) != 0o600:
         os.chmod(priv_path, 0o600)
 
@@ -276,7 +256,7 @@ class GuestConnection:
                 f"the project's key in /root/.ssh/authorized_keys",
                 f"rebuild the guest image with {self.key_path}.pub in root's authorized_keys "
                 "(and PermitRootLogin prohibit-password in its sshd_config)",
-                cls=SSHAuthFailed)
+                cls=errors.SSHAuthFailed)
         if isinstance(exc, ConnectionRefusedError) or getattr(exc, "errno", None) == errno.ECONNREFUSED:
             return self._unreachable("connection refused: nothing listens on that port", fwd)
         if isinstance(exc, (socket.timeout, TimeoutError)):
@@ -405,7 +385,7 @@ class GuestConnection:
                 if not transport.is_active():
                     raise self._dropped(f"running `{_oneline(line)}`")
                 if time.monotonic() >= deadline:
-                    raise GuestCommandTimeout(
+                    raise errors.GuestCommandTimeout(
                         cmd=_oneline(line), timeout=limit,
                         fix="raise the timeout, or check the guest for a hung process "
                             "(it may still be running)")
@@ -514,7 +494,7 @@ class GuestConnection:
                     self.open()
                     self.run("true", timeout=max(1.0, remaining), check=True)
                     return time.monotonic() - start
-                except SSHAuthFailed:
+                except errors.SSHAuthFailed:
                     raise
                 except (errors.HarnessError, OSError, EOFError, paramiko.SSHException) as exc:
                     last = exc
@@ -528,106 +508,3 @@ class GuestConnection:
         raise self._unreachable(
             f"sshd did not answer within {deadline_s:g}s; last error: {last}",
             "check the guest console log (did it boot? is sshd enabled?) or raise the deadline")
-
-
-# --- the fake ----------------------------------------------------------------
-
-Response = Union[CommandResult, Callable[[str], "CommandResult | str | int | None"]]
-
-
-class FakeConnection:
-    """Scripted stand-in for :class:`GuestConnection` (same public API).
-
-    ``responses`` maps a command prefix to a :class:`CommandResult` or to a
-    callable taking the joined command and returning a CommandResult, a
-    stdout string, an exit status, or None (exit 0).  The first registered
-    prefix that the joined command starts with wins; unmatched commands exit
-    0 with no output, or raise AssertionError when ``strict``.
-    ``put_text``/``get_text`` use the ``files`` dict.
-    """
-
-    def __init__(self, responses: Mapping[str, Response] | None = None, *,
-                 strict: bool = False, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.responses: dict[str, Response] = dict(responses or {})
-        self.strict = strict
-        self.host = host
-        self.port = port
-        self.calls: list[str] = []
-        self.inputs: list[str | None] = []
-        self.files: dict[str, str] = {}
-        self.modes: dict[str, int] = {}
-        self._open = False
-        self.opens = 0
-
-    def expect(self, prefix: str, exit_status: int = 0, stdout: str = "", stderr: str = "") -> None:
-        self.responses[prefix] = CommandResult(prefix, exit_status, stdout, stderr)
-
-    @property
-    def is_open(self) -> bool:
-        return self._open
-
-    def open(self) -> None:
-        if not self._open:
-            self._open = True
-            self.opens += 1
-
-    def close(self) -> None:
-        self._open = False
-
-    def __enter__(self) -> "FakeConnection":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
-    def run(self, cmd: Cmd, *, timeout: float | None = None, input: str | None = None,
-            check: bool = False, env: Mapping[str, str] | None = None) -> CommandResult:
-        self.open()
-        line = render(cmd, env)
-        argv = _argv_of(cmd)
-        self.calls.append(line)
-        self.inputs.append(input)
-        for prefix, response in self.responses.items():
-            if line.startswith(prefix):
-                break
-        else:
-            if self.strict:
-                raise AssertionError(f"FakeConnection: unexpected command {line!r} "
-                                     f"(expected one of {list(self.responses)!r})")
-            response = CommandResult(argv, 0, "", "")
-        if callable(response):
-            response = response(line)
-            if response is None:
-                response = CommandResult(argv, 0, "", "")
-            elif isinstance(response, str):
-                response = CommandResult(argv, 0, response, "")
-            elif isinstance(response, int):
-                response = CommandResult(argv, response, "", "")
-        if not isinstance(response, CommandResult):
-            raise TypeError(f"FakeConnection response for {line!r} is {type(response).__name__}")
-        result = dataclasses.replace(response, argv=argv)
-        return result.check() if check else result
-
-    def put_text(self, remote_path: str, text: str, mode: int = 0o644) -> None:
-        self.open()
-        self.files[remote_path] = text
-        self.modes[remote_path] = mode
-
-    def get_text(self, remote_path: str) -> str:
-        self.open()
-        try:
-            return self.files[remote_path]
-        except KeyError:
-            raise FileNotFoundError(errno.ENOENT, "no such file in the fake guest",
-                                    remote_path) from None
-
-    def wait_until_up(self, deadline_s: float, *, abort: Callable[[], str | None] | None = None,
-                      interval: float = 1.0) -> float:
-        if abort is not None:
-            reason = abort()
-            if reason:
-                raise errors.SSHUnreachable(host=self.host, port=self.port,
-                                            reason=f"gave up waiting for sshd: {reason}",
-                                            fix="see the guest console log")
-        self.open()
-        return 0.0

@@ -7,7 +7,6 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
-
 #: the exception class pytest puts before a message: "vm.errors.ExpectationFailed: ", "Failed: "
 _EXC_PREFIX = re.compile(r"^(?:[A-Za-z_][\w]*\.)*(?:[A-Z]\w*(?:Error|Failed|Exception)|Failed): ")
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Protocol, Sequence
 
+from vm import errors
+
 SYSCALL = "/usr/local/bin/ovl-syscall"
 INCOMPAT_MSG = "overlay with incompat feature 'volatile' cannot be mounted"
 
@@ -62,7 +64,9 @@ def parse_outcome(stdout: str, exit_status: int) -> Outcome:
         return OK
     m = _ERRNO.search(stdout)
     if not m:
-        raise RuntimeError(f"ovl-syscall gave no verdict (exit {exit_status}): {stdout.strip()!r}")
+        raise errors.GuestCommandFailed(cmd="ovl-syscall", rc=exit_status,
+                                        detail=f" with no verdict: {stdout.strip()!r}",
+                                        fix="rebuild the guest image (`invoke image`)")
     return Outcome(int(m.group(1)), stdout.strip())
 
 
@@ -297,7 +301,8 @@ def parse_getfattr(text: str) -> dict[str, bytes]:
 def xattrs(g: Runs, path: str) -> dict[str, bytes]:
     res = g.run(["getfattr", "--absolute-names", "-d", "-m", "-", "-e", "hex", path])
     if res.exit_status != 0:
-        raise RuntimeError(f"getfattr {path} exited {res.exit_status}: {res.stderr.strip()}")
+        raise errors.GuestCommandFailed(cmd=f"getfattr {path}", rc=res.exit_status, detail=f": {res.stderr.strip()}",
+                                        fix="check that the guest image has attr installed")
     return parse_getfattr(res.stdout)
 
 
@@ -356,10 +361,6 @@ class RowExpectation:
         return self.steps[-1].expect if self.steps else "?"
 
 
-class ExpectationError(ValueError):
-    pass
-
-
 class Expectations:
     """The expectations table (``tests/scenarios/expectations.json``)."""
 
@@ -392,19 +393,19 @@ class Expectations:
     def _step(self, row: str, behaviour: str, raw: Mapping) -> StepExpectation:
         unknown = set(raw) - {"step", "expect", "log", "then", "why"}
         if unknown:
-            raise ExpectationError(f"{self.source}: {row}/{behaviour}: unknown keys {sorted(unknown)}")
+            raise errors.ExpectationError(detail=f"{self.source}: {row}/{behaviour}: unknown keys {sorted(unknown)}")
         expect = raw["expect"]
         if expect not in OUTCOMES:
-            raise ExpectationError(f"{self.source}: {row}/{behaviour}/{raw['step']}: "
+            raise errors.ExpectationError(detail=f"{self.source}: {row}/{behaviour}/{raw['step']}: "
                                    f"outcome {expect!r} is not one of {OUTCOMES}")
         log = tuple(self.messages.get(m, m) for m in raw.get("log", ()))
         if expect != "OK" and raw["step"].startswith(("mount", "remount")) and not log:
-            raise ExpectationError(f"{self.source}: {row}/{behaviour}/{raw['step']}: a failing "
+            raise errors.ExpectationError(detail=f"{self.source}: {row}/{behaviour}/{raw['step']}: a failing "
                                    "mount must name the kernel log line that explains it")
         then = tuple(raw.get("then", ()))
         bad = [c for c in then if c not in CHECKS]
         if bad:
-            raise ExpectationError(f"{self.source}: {row}/{behaviour}: unknown checks {bad}")
+            raise errors.ExpectationError(detail=f"{self.source}: {row}/{behaviour}: unknown checks {bad}")
         return StepExpectation(raw["step"], expect, log, then)
 
     def difference(self, row: str, variant: str, base: str | None) -> dict | None:
@@ -419,7 +420,7 @@ class Expectations:
         try:
             spec = self.variants[name]
         except KeyError:
-            raise ExpectationError(f"{self.source}: no expectations for kernel variant {variant!r} "
+            raise errors.ExpectationError(detail=f"{self.source}: no expectations for kernel variant {variant!r} "
                                    f"(known: {', '.join(self.variants)})") from None
         diff = self.difference(row, variant, base or variant_base(variant))
         if diff is not None:
@@ -428,12 +429,12 @@ class Expectations:
 
     def get(self, row: str, variant: str, base: str | None = None) -> RowExpectation:
         if row not in self.rows:
-            raise ExpectationError(f"{self.source}: no row {row!r}")
+            raise errors.ExpectationError(detail=f"{self.source}: no row {row!r}")
         behaviour = self.behaviour_of(row, variant, base)
         try:
             raw_steps = self.rows[row][behaviour]
         except KeyError:
-            raise ExpectationError(f"{self.source}: row {row!r} has no {behaviour!r} column "
+            raise errors.ExpectationError(detail=f"{self.source}: row {row!r} has no {behaviour!r} column "
                                    f"(needed by variant {variant!r})") from None
         steps = tuple(self._step(row, behaviour, s) for s in raw_steps)
         return RowExpectation(row, variant, behaviour, steps)
@@ -441,32 +442,28 @@ class Expectations:
     def validate(self) -> None:
         for name, spec in self.variants.items():
             if "behaves_as" not in spec:
-                raise ExpectationError(f"{self.source}: variant {name!r} has no behaves_as")
+                raise errors.ExpectationError(detail=f"{self.source}: variant {name!r} has no behaves_as")
         for row in self.rows:
             if row.startswith("_"):
                 continue
             for variant in self.variants:
                 exp = self.get(row, variant)
                 if not exp.steps:
-                    raise ExpectationError(f"{self.source}: {row}/{exp.behaviour} has no steps")
+                    raise errors.ExpectationError(detail=f"{self.source}: {row}/{exp.behaviour} has no steps")
         for base, data in self.bases.items():
             where = f"bases/{base}.json"
             if data.get("base") != base:
-                raise ExpectationError(f"{where}: 'base' must be {base!r}")
+                raise errors.ExpectationError(detail=f"{where}: 'base' must be {base!r}")
             for variant, rows in data.get("differences", {}).items():
                 if variant not in self.variants:
-                    raise ExpectationError(f"{where}: unknown variant {variant!r}")
+                    raise errors.ExpectationError(detail=f"{where}: unknown variant {variant!r}")
                 for row, diff in rows.items():
                     if row not in self.rows:
-                        raise ExpectationError(f"{where}: unknown row {row!r}")
+                        raise errors.ExpectationError(detail=f"{where}: unknown row {row!r}")
                     if set(diff) != {"behaves_as", "why"} or not str(diff["why"]).strip():
-                        raise ExpectationError(f"{where}: {variant}/{row} needs exactly behaves_as "
+                        raise errors.ExpectationError(detail=f"{where}: {variant}/{row} needs exactly behaves_as "
                                                "and a non-empty why (the reason this base differs)")
                     self.get(row, variant, base)   # the column must exist
-
-
-class ExpectationFailed(AssertionError):
-    pass
 
 
 @dataclass
@@ -501,9 +498,9 @@ class RowRun:
     def label(self) -> str:
         return f"{self.exp.row}[{self.fs}-{self.exp.variant}]"
 
-    def fail(self, text: str) -> ExpectationFailed:
+    def fail(self, text: str) -> errors.ExpectationFailed:
         self.failure = f"{self.label}: {text}"
-        return ExpectationFailed(self.failure)
+        return errors.ExpectationFailed(self.failure)
 
     def step(self, name: str, outcome: Outcome | str, log: Iterable[str] = ()) -> Outcome | str:
         __tracebackhide__ = True   # pytest: the failure message says it all
