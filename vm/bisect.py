@@ -448,7 +448,7 @@ def bisect(settings, req: Request, series_file: Path, *, image: Callable[[], Pat
             "mtimes": str(root / "mtimes.json"), "report_dir": str(report_dir),
             "series_file": str(series_file), "inputs_key": inputs_key,
             "project_root": str(settings.project_root),
-            "settings": _settings_dict(settings), "image": str(image_path or ""),
+            "settings": settings.to_dict(), "image": str(image_path or ""),
             "scenario": req.scenario, "fs": req.fs, "command": list(req.command),
             "on_build_failure": req.on_build_failure, "on_boot_failure": req.on_boot_failure,
         }
@@ -493,14 +493,6 @@ def bisect(settings, req: Request, series_file: Path, *, image: Callable[[], Pat
 def _show_bisect_line(line: str) -> bool:
     return line.startswith(("Bisecting:", "bisect step", "==> bisect step", "There are only",
                             "The first bad commit")) or bool(_FIRST_BAD.match(line))
-
-
-def _settings_dict(settings) -> dict:
-    data = {}
-    for f in dataclasses.fields(settings):
-        value = getattr(settings, f.name)
-        data[f.name] = str(value) if isinstance(value, Path) else value
-    return data
 
 
 def _request_dict(req: Request) -> dict:

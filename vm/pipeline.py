@@ -158,6 +158,7 @@ def cover_letter(settings: Settings, tree: fetch.Tree) -> str:
     from vm.kernel import series as series_tools
 
     full = series(settings)
+    settings.sub("builds").mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".tmp-cover-", dir=settings.sub("builds")))
     try:
         from vm.kernel.patch import prepare_source

@@ -6,8 +6,9 @@ One frozen dataclass instead of module-level globals: tasks build it from
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Mapping
 
 from vm import errors
@@ -38,9 +39,10 @@ class Settings:
     image_suite: str = ""
     image_packages: tuple[str, ...] = ()
     ci_variants: tuple[str, ...] = ()
-    ci_rows_for: Any = None
+    #: variant -> the only SCENARIOS.md rows `invoke ci` runs on it (read-only)
+    ci_rows_for: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({}))
     ci_full_variants: tuple[str, ...] = ()
-    ci_full_rows_for: Any = None
+    ci_full_rows_for: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({}))
     mutation_rows: tuple[str, ...] = ()
     project_root: Path = PROJECT_ROOT
 
@@ -68,9 +70,23 @@ class Settings:
             image_packages=tuple(self.image_packages),
             ci_variants=tuple(self.ci_variants), ci_full_variants=tuple(self.ci_full_variants),
             mutation_rows=tuple(self.mutation_rows),
+            ci_rows_for=_rows_map(self.ci_rows_for, "ci_rows_for"),
+            ci_full_rows_for=_rows_map(self.ci_full_rows_for, "ci_full_rows_for"),
             jobs=int(self.jobs), memory_mb=int(self.memory_mb), cpus=int(self.cpus),
             kvm_probe_timeout=float(self.kvm_probe_timeout), boot_timeout=float(self.boot_timeout),
         )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: what :meth:`from_mapping` reads back (a bisect step gets its settings so)."""
+        def plain(value: Any) -> Any:
+            if isinstance(value, Path):
+                return str(value)
+            if isinstance(value, Mapping):
+                return {k: plain(v) for k, v in value.items()}
+            if isinstance(value, tuple):
+                return [plain(v) for v in value]
+            return value
+        return {f.name: plain(getattr(self, f.name)) for f in fields(self)}
 
     # --- derived paths ---------------------------------------------------
     @property
@@ -86,9 +102,19 @@ class Settings:
         return self.project_root / "kconfig"
 
     def sub(self, name: str) -> Path:
-        path = self.cache_dir / name
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+        """``<cache_dir>/<name>`` (not created: whoever writes there makes it)."""
+        return self.cache_dir / name
+
+
+def _rows_map(value: Any, name: str) -> Mapping[str, tuple[str, ...]]:
+    """``{variant: [row, ...]}`` from invoke.yaml as a read-only mapping of tuples."""
+    if not value:
+        return MappingProxyType({})
+    if not isinstance(value, Mapping) or not all(
+            isinstance(rows, (list, tuple)) and all(isinstance(r, str) for r in rows) for rows in value.values()):
+        raise errors.BadArgument(what=f"ovl.{name} must map a variant to a list of row ids, not {value!r}",
+                                 fix="write it as {patched: [volatile-to-volatile]} in invoke.yaml")
+    return MappingProxyType({str(v): tuple(rows) for v, rows in value.items()})
 
 
 def load(project_root: Path = PROJECT_ROOT, **overrides: Any) -> Settings:

@@ -91,6 +91,7 @@ def make_history(pristine: Path, dest: Path) -> History:
     if not (dest / ".git").is_dir():
         tmp = dest.with_name(dest.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
+        dest.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run(["cp", "-a", "--", str(pristine), str(tmp)], check=True)
         _git(tmp, "init", "-q", "-b", "master")
         _git(tmp, "add", "-A", "-f", ".")
