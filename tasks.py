@@ -21,6 +21,8 @@ from vm.settings import Settings  # noqa: E402
 
 
 BASE_HELP = "kernel base: patches/<base>/ and its default source (default: ovl.base)"
+#: the test command always has its inputs (SCENARIOS.md, sshd): a missing one fails, never skips
+UNIT_OPTIONS = ("--require-inputs",)
 
 
 def settings_of(c, **overrides) -> Settings:
@@ -36,7 +38,8 @@ def harness_task(*args, **kwargs):
             try:
                 return fn(c, *a, **kw)
             except errors.HarnessError as exc:
-                kind = "error" if isinstance(exc, errors.UserError) else "infrastructure error"
+                kind = ("error" if isinstance(exc, errors.UserError) else
+                        "infrastructure error" if isinstance(exc, errors.InfraError) else "failed")
                 print(f"{kind}: {exc}", file=sys.stderr)
                 raise Exit(code=exc.exit_code) from None
             except KeyboardInterrupt:
@@ -144,6 +147,19 @@ def stop(c):
         print("no guest was running")
 
 
+def _rows_for(text: str | None) -> dict[str, tuple[str, ...]]:
+    """``VARIANT=ROW,ROW;VARIANT=ROW`` -> ``{variant: (row, ...)}``."""
+    limits: dict[str, tuple[str, ...]] = {}
+    for item in (text or "").split(";"):
+        variant, sep, rows = item.strip().partition("=")
+        if not item.strip():
+            continue
+        if not sep or not rows.strip():
+            raise errors.BadArgument(what=f"--rows-for {item.strip()!r}", fix="write VARIANT=ROW[,ROW...][;...]")
+        limits[variant] = limits.get(variant, ()) + tuple(r.strip() for r in rows.split(",") if r.strip())
+    return limits
+
+
 @harness_task(help={"variants": "kernels to run the scenarios on (default: baseline,patched)",
                     "keep_vm": "leave the last guest running after the run",
                     "k": "pytest -k expression", "debug": "use the debug-config kernels",
@@ -154,31 +170,8 @@ def test(c, variants="baseline,patched", keep_vm=False, k=None, debug=False, sou
          base=None):
     """Run the scenario suite on booted guests (building what is missing)."""
     s = settings_of(c, base=base)
-    tree = pipeline.get_tree(s, source)
-    args = []
-    for variant in _variants(variants, debug):
-        kernel = pipeline.build_kernel(s, variant, tree)
-        args += ["--kernel", f"{variant.label}={kernel.build_dir}"]
-    img = pipeline.guest_image(s)
-    args += ["--image", str(img.path)]
-    if keep_vm:
-        args.append("--keep-vm")
-    for limit in (rows_for or "").split(";"):
-        if limit.strip():
-            args += ["--rows-for", limit.strip()]
-    if k:
-        args += ["-k", k]
-    _pytest(s, ["tests/scenarios", *args], "scenarios")
-
-
-def _pytest(s: Settings, args: list[str], name: str, results: Path | None = None) -> None:
-    results = results or s.results_dir
-    results.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, "-m", "pytest", *args, f"--junitxml={results / (name + '.xml')}"]
-    env = {"INVOKE_OVL_RESULTS_DIR": str(results)} if results != s.results_dir else None
-    res = runner.run(argv, cwd=ROOT, capture=False, check=False, env=env)
-    if res.returncode not in (0,):
-        raise Exit(f"pytest ({name}) failed with exit code {res.returncode}", code=res.returncode or 1)
+    kernels = pipeline.build_variants(s, _variants(variants, debug), source)
+    pipeline.scenarios(s, kernels, rows_for=_rows_for(rows_for), keyword=k, keep_vm=keep_vm).check()
 
 
 @harness_task(help={"bases": "comma list of kernel bases, each with patches/<base>/ and "
@@ -189,14 +182,9 @@ def matrix(c, bases=None, variants="baseline,patched", k=None):
     """Version matrix: build the variants on every base, run the suite on all, render one matrix."""
     s = settings_of(c)
     wanted = [b.strip() for b in bases.split(",") if b.strip()] if bases else list(s.bases)
-    args = []
-    for label, kernel in pipeline.matrix_kernels(s, wanted, _variants(variants, False)):
-        args += ["--kernel", f"{label}={kernel.build_dir}"]
-    args += ["--image", str(pipeline.guest_image(s).path)]
-    if k:
-        args += ["-k", k]
+    kernels = pipeline.matrix_kernels(s, wanted, _variants(variants, False))
     results = s.results_dir / "matrix"
-    _pytest(s, ["tests/scenarios/test_scenarios.py", *args], "matrix", results)
+    pipeline.scenarios(s, kernels, name="matrix", tests="rows", results_dir=results, keyword=k).check()
     print(f"matrix: {results / 'matrix.md'}")
 
 
@@ -229,33 +217,20 @@ def cover_letter(c, source=None, base=None):
 @harness_task
 def unit(c):
     """Fast unit tests (no VM)."""
-    _pytest(settings_of(c), ["tests/unit", "-m", "unit"], "unit")
+    pipeline.tests_without_kernels(settings_of(c), "unit", markers="unit", options=UNIT_OPTIONS).check()
 
 
 @harness_task(help={"source": "kernel source (see `invoke fetch --help`)"})
 def mutation(c, source=None):
     """Break the series on purpose (drop patch 4, the errseq check) and show that
     exactly the rows that depend on it fail against the full series' expectations."""
-    from vm.suites import junit
-
-    s = settings_of(c)
-    tree = pipeline.get_tree(s, source)
-    n = len(pipeline.series(s))
-    broken = pipeline.build_kernel(s, pipeline.Variant(f"prefix-{n - 1}", n - 1), tree)
-    img = pipeline.guest_image(s)
-    out = s.results_dir / "mutation"
-    out.mkdir(parents=True, exist_ok=True)
-    xml = out / "scenarios.xml"
-    res = runner.run([sys.executable, "-m", "pytest", "tests/scenarios/test_scenarios.py",
-                      "--kernel", f"{pipeline.PATCHED}={broken.build_dir}", "--image", str(img.path),
-                      f"--junitxml={xml}", "-q"],
-                     cwd=ROOT, capture=False, check=False, env={"INVOKE_OVL_RESULTS_DIR": str(out)})
-    failed = sorted(name for name, outcome in junit.outcomes(xml).items() if outcome == "failed")
-    expected = sorted(f"test_row[{row}-{fs}-{pipeline.PATCHED}]" for row in s.mutation_rows
-                      for fs in ("ext4", "xfs"))
-    print(f"series without its last patch, judged as the full series: {len(failed)} failed: {failed}")
-    if res.returncode == 0 or failed != expected:
-        raise Exit(f"mutation check: expected exactly {expected} to fail, got {failed}", code=1)
+    result, targeted = pipeline.mutation(settings_of(c), source)
+    print(f"series without its last patch, judged as the full series: {result.counts()}; "
+          f"failed: {result.named('failed')}")
+    problems = pipeline.mutation_problems(result, targeted)
+    if problems:
+        raise Exit(f"mutation check: expected exactly {sorted(targeted)} to fail as assertions and "
+                   f"everything else to pass; {'; '.join(problems)}", code=1)
     print("mutation check passed: exactly the rows that need the errseq check went red")
 
 
@@ -301,19 +276,23 @@ def ci(c, full=False):
     for base in s.bases:
         with runner.phase(f"lint {base}"):
             lint(c, base=base)
-    every = [v.label for v in pipeline.prefix_variants(s)] + [f"{pipeline.PATCHED}-debug"]
-    with runner.phase(f"build every series prefix and the debug kernel ({', '.join(every)})"):
-        build(c, variants=",".join(every))
-    tier = "ci_full" if full else "ci"
-    variants = list(s.ci_full_variants if full else s.ci_variants)
-    limits = dict((s.ci_full_rows_for if full else s.ci_rows_for) or {})
-    rows_for = ";".join(f"{v}={','.join(rows)}" for v, rows in limits.items())
-    with runner.phase(f"scenarios ({tier}) on {', '.join(variants)}"):
-        test(c, variants=",".join(variants), rows_for=rows_for or None)
+    every = pipeline.prefix_variants(s) + [pipeline.Variant.parse(f"{pipeline.PATCHED}-debug")]
+    with runner.phase(f"build every series prefix and the debug kernel ({', '.join(v.label for v in every)})"):
+        built = dict(pipeline.build_variants(s, every))
+        pipeline.guest_image(s)
+    variants = s.ci_full_variants if full else s.ci_variants
+    rows_for = dict(s.ci_full_rows_for if full else s.ci_rows_for)
+    with runner.phase(f"scenarios ({'ci_full' if full else 'ci'}) on {', '.join(variants)}"):
+        kernels = [(v, built[v]) if v in built else pipeline.build_variants(s, [pipeline.Variant.parse(v)])[0]
+                   for v in variants]
+        pipeline.scenarios(s, kernels, rows_for=rows_for).check()
     with runner.phase("bisect a kernel history (tests/bisect)"):
-        _pytest(s, ["tests/bisect", "-m", "slow"], "bisect")
-    if not full:
-        return
+        pipeline.tests_without_kernels(s, "bisect", markers="slow").check()
+    if full:
+        _full_tier(c, s)
+
+
+def _full_tier(c, s: Settings) -> None:
     with runner.phase("mutation check (series without the errseq patch)"):
         mutation(c)
     for base in s.bases:

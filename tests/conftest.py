@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -35,8 +36,13 @@ def pytest_addoption(parser):
     group.addoption("--rows-for", action="append", default=[], metavar="VARIANT=ROW[,ROW...]",
                     help="run only these SCENARIOS.md rows on VARIANT (the others are deselected, "
                          "not skipped); repeatable")
+    group.addoption("--fs", action="append", default=[], metavar="FS",
+                    help="run the scenarios on this upper filesystem only (ext4, xfs); repeatable")
     group.addoption("--keep-vm", action="store_true", default=False,
                     help="leave the guests running (detached) after the session; see `invoke ssh`")
+    group.addoption("--require-inputs", action="store_true", default=False,
+                    help="a test input that is always there in the test command (SCENARIOS.md, "
+                         "an sshd binary) fails the test when missing, instead of skipping it")
 
 
 def _kernel_options(config) -> dict[str, Path]:
@@ -81,6 +87,19 @@ def pytest_generate_tests(metafunc):
         return
     variants = list(_kernel_options(metafunc.config)) or [pipeline.BASELINE, pipeline.PATCHED]
     metafunc.parametrize("variant", variants, ids=variants, scope="session")
+
+
+@pytest.fixture(scope="session")
+def missing_input(request):
+    """``missing_input(what, fix)``: a test input is missing; fails the test under
+    ``--require-inputs`` (the test command), skips it otherwise."""
+    def missing(what: str, fix: str) -> NoReturn:
+        __tracebackhide__ = True
+        text = f"{what} is missing: {fix}"
+        if request.config.getoption("--require-inputs"):
+            pytest.fail(f"{text} (--require-inputs: a missing input is a failure)", pytrace=False)
+        pytest.skip(text)
+    return missing
 
 
 @pytest.fixture(scope="session")

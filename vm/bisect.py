@@ -48,12 +48,19 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from vm import errors, runner
+from vm.kernel import build, kconfig
+from vm.kernel.fetch import read_version
+from vm.kernel.patch import apply_patch, parse_series
+from vm.settings import Settings
+from vm.suites import suite
 
 GOOD, BAD, SKIP, ABORT = 0, 1, 125, 255
 VERDICTS = {GOOD: "good", BAD: "bad", SKIP: "skip", ABORT: "abort"}
 POLICIES = ("skip", "bad")
 STEPS_FILE = "steps.jsonl"
 KERNEL_LABEL = "bisect"
+#: each step's kernel is judged by the expectations of the full series
+KERNEL_JUDGED_AS = "patched"
 #: bump when a step's build recipe changes, so kept step kernels are not reused
 STEP_RECIPE = "1"
 
@@ -200,7 +207,6 @@ def parse_run_output(text: str) -> tuple[str | None, list[str]]:
 
 def apply_series(wt: Path, series_file: Path) -> list[str]:
     """Apply the series in place; returns the files it changed or created."""
-    from vm.kernel.patch import apply_patch, parse_series
 
     series = parse_series(series_file)
     for patch in series.patches:
@@ -309,9 +315,7 @@ def _command_step(ctx: StepContext, kept: int) -> int:
     return ctx.record(ABORT, f"command exited {rc} (killed?)", log)
 
 
-def _settings(state: dict):
-    from vm.settings import Settings
-
+def _settings(state: dict) -> Settings:
     return Settings.from_mapping(state["settings"])
 
 
@@ -319,15 +323,12 @@ def step_kernel_dir(state: dict, commit: str) -> Path:
     return Path(state["kernels"]) / f"{commit[:12]}-{state['inputs_key']}"
 
 
-def _build_step_kernel(ctx: StepContext, settings) -> "object":
-    from vm import pipeline
-    from vm.kernel import build, kconfig
-
+def _build_step_kernel(ctx: StepContext, settings: Settings) -> build.Kernel:
     kdir = step_kernel_dir(ctx.state, ctx.commit)
     if (done := build.existing(kdir)) is not None:
         runner.echo(f"  kernel for {ctx.commit[:12]} already built: {kdir}")
         return done
-    fragments = pipeline.fragments(settings, debug=False)
+    fragments = [kconfig.parse_fragment(Path(f)) for f in ctx.state["fragments"]]
     tc = build.default_toolchain(settings.cache_dir, settings.jobs, settings.ccache)
     obj, log = Path(ctx.state["obj"]), ctx.dir / "build.log"
     start = time.monotonic()
@@ -335,9 +336,6 @@ def _build_step_kernel(ctx: StepContext, settings) -> "object":
     kdir.mkdir(parents=True, exist_ok=True)
     out = kdir / "out"
     build.package(ctx.wt, obj, config, release, tc, log, out, KERNEL_LABEL)
-    from vm.kernel.fetch import read_version
-    from vm.kernel.patch import parse_series
-
     series = parse_series(Path(ctx.state["series_file"]))
     kernel = build.Kernel(label=KERNEL_LABEL, version=read_version(ctx.wt) or release, key=ctx.commit[:12],
                           build_dir=kdir, bzimage=out / "bzImage", modules_img=out / "modules.ext4",
@@ -350,9 +348,6 @@ def _build_step_kernel(ctx: StepContext, settings) -> "object":
 
 
 def _scenario_step(ctx: StepContext) -> int:
-    from vm.kernel.build import error_lines
-    from vm.suites import junit
-
     state = ctx.state
     settings = _settings(state)
     build_log = ctx.dir / "build.log"
@@ -360,31 +355,31 @@ def _scenario_step(ctx: StepContext) -> int:
         kernel = _build_step_kernel(ctx, settings)
     except (errors.BuildFailed, errors.ConfigOptionsDropped) as exc:
         code = BAD if state["on_build_failure"] == "bad" else SKIP
-        first = next(iter(error_lines(build_log, limit=1)), "") if build_log.is_file() else ""
+        first = next(iter(build.error_lines(build_log, limit=1)), "") if build_log.is_file() else ""
         why = f"build failed: {first}" if first else f"build failed: {exc}"
         return ctx.record(code, why, build_log)
-    xml = ctx.dir / "scenario.xml"
     log = ctx.dir / "scenario.log"
-    argv = [sys.executable, "-m", "pytest", "tests/scenarios/test_scenarios.py", "-q", "-p", "no:cacheprovider",
-            "--kernel", f"patched={kernel.build_dir}", "--image", state["image"],
-            "--rows-for", f"patched={state['scenario']}", "-k", state["fs"], f"--junitxml={xml}"]
-    rc = runner.run_logged(argv, log, cwd=state["project_root"],
-                           env={"INVOKE_OVL_RESULTS_DIR": str(ctx.dir / "results"),
-                                "INVOKE_OVL_ACCEL": settings.accel},
-                           show=lambda line: line.startswith(("PASSED", "FAILED", "ERROR")))
-    cases = junit.cases(xml) if xml.is_file() else []
-    if len(cases) != 1:
-        return ctx.record(ABORT, f"expected one scenario result, pytest exited {rc} with {len(cases)} "
-                                 f"(see {log})", log, str(kernel.build_dir))
-    case = cases[0]
+    req = suite.SuiteRequest(name="scenario", tests=(settings.suites.rows,), results_dir=ctx.dir,
+                             kernels=((KERNEL_JUDGED_AS, kernel.build_dir),), image=Path(state["image"]),
+                             rows_for={KERNEL_JUDGED_AS: (state["scenario"],)}, filesystems=(state["fs"],),
+                             log=log, show=lambda line: line.startswith(("PASSED", "FAILED", "ERROR")))
+    result = suite.run(settings.project_root, req, env={"INVOKE_OVL_ACCEL": settings.accel})
+    return _judge(ctx, result, log, str(kernel.build_dir))
+
+
+def _judge(ctx: StepContext, result: suite.SuiteResult, log: Path, kernel: str) -> int:
+    if len(result.cases) != 1:
+        return ctx.record(ABORT, f"expected one scenario result, pytest exited {result.returncode} with "
+                                 f"{len(result.cases)} (see {log})", log, kernel)
+    case = result.cases[0]
     if case.outcome == "passed":
-        return ctx.record(GOOD, f"{case.name} passed", log, str(kernel.build_dir))
+        return ctx.record(GOOD, f"{case.name} passed", log, kernel)
     if case.outcome == "failed":
-        return ctx.record(BAD, f"{case.name} failed: {case.message}", log, str(kernel.build_dir))
+        return ctx.record(BAD, f"{case.name} failed: {case.message}", log, kernel)
     if case.outcome == "error":
-        code = BAD if state["on_boot_failure"] == "bad" else SKIP
-        return ctx.record(code, f"boot or setup failed: {case.message}", log, str(kernel.build_dir))
-    return ctx.record(SKIP, f"{case.name} was skipped: {case.message}", log, str(kernel.build_dir))
+        code = BAD if ctx.state["on_boot_failure"] == "bad" else SKIP
+        return ctx.record(code, f"boot or setup failed: {case.message}", log, kernel)
+    return ctx.record(SKIP, f"{case.name} was skipped: {case.message}", log, kernel)
 
 
 # --- the whole bisect --------------------------------------------------------------
@@ -413,16 +408,8 @@ def state_key(repo: Path, inputs_key: str) -> str:
     return hashlib.sha256(f"{repo.resolve()}\0{inputs_key}".encode()).hexdigest()[:12]
 
 
-def bisect(settings, req: Request, series_file: Path, *, image: Callable[[], Path] | None = None,
-           fragments_key: str = "") -> Result:
-    """Run the whole bisect; the user's tree is left exactly as it was.
-
-    ``image`` makes (or finds) the guest image; it is called once the
-    request was checked, so a wrong ref fails in a second, not after mmdebstrap.
-    """
-    from vm.kernel.patch import parse_series
-
-    start = time.monotonic()
+def _check_refs(req: Request) -> tuple[Path, str, str]:
+    """The repository and the good and bad commits, or a one-line error."""
     repo = toplevel(req.tree)
     good = resolve(repo, req.good, "--good")
     bad = resolve(repo, req.bad, "--bad")
@@ -431,60 +418,83 @@ def bisect(settings, req: Request, series_file: Path, *, image: Callable[[], Pat
     if not git(repo, "merge-base", "--is-ancestor", good, bad, check=False).ok:
         raise errors.BadArgument(what=f"--good {req.good} is not an ancestor of --bad {req.bad}",
                                  fix="swap them, or pick a good commit that the bad one contains")
-    series = parse_series(series_file)
+    return repo, good, bad
+
+
+def _step_state(settings: Settings, req: Request, root: Path, report_dir: Path, series_file: Path,
+                fragments: Sequence[kconfig.Fragment], image_path: Path | None) -> dict:
+    """What every ``python -m vm.bisect step`` reads (it runs in another process)."""
+    recipe = f"{STEP_RECIPE}\0{parse_series(series_file).fingerprint()}\0{kconfig.fingerprint(fragments)}"
+    return {
+        "worktree": str(root / "src"), "obj": str(root / "obj"), "kernels": str(root / "kernels"),
+        "mtimes": str(root / "mtimes.json"), "report_dir": str(report_dir),
+        "series_file": str(series_file), "inputs_key": hashlib.sha256(recipe.encode()).hexdigest()[:12],
+        "fragments": [str(f.path) for f in fragments],
+        "settings": settings.to_dict(), "image": str(image_path or ""),
+        "scenario": req.scenario, "fs": req.fs, "command": list(req.command),
+        "on_build_failure": req.on_build_failure, "on_boot_failure": req.on_boot_failure,
+    }
+
+
+def _run_bisect(repo: Path, wt: Path, state_path: Path, result: Result, settings: Settings) -> None:
+    """``git bisect run`` in the worktree; fills ``result`` or raises :class:`BisectFailed`."""
+    report_dir = result.report_dir
+    git(repo, "worktree", "add", "--detach", "-q", str(wt), result.bad, quiet=False)
+    git(wt, "bisect", "start", result.bad, result.good, quiet=False)
+    log = report_dir / "git-bisect-run.log"
+    rc = runner.run_logged(["git", "bisect", "run", sys.executable, "-m", "vm.bisect", "step",
+                            str(state_path)], log, cwd=wt, env={"PYTHONPATH": str(settings.project_root)},
+                           show=_show_bisect_line, new_session=True)
+    (report_dir / "bisect.log").write_text(git(wt, "bisect", "log", check=False).stdout)
+    result.first_bad, result.candidates = parse_run_output(log.read_text(errors="replace"))
+    result.steps = read_steps(report_dir)
+    # `git bisect run` exits non-zero also when only skipped commits are left:
+    # that is still an answer (a set of candidates), not a failure
+    if not result.candidates:
+        result.status = "failed"
+        aborted = [s for s in result.steps if s.verdict == "abort"]
+        reason = (f"step {aborted[-1].n} at {aborted[-1].commit[:12]}: {aborted[-1].reason}"
+                  if aborted else f"`git bisect run` exited {rc}: {runner.tail(log.read_text(), 2)}")
+        raise errors.BisectFailed(reason=reason, fix=f"see {log}; the user tree is unchanged")
+    result.status = "done" if result.first_bad else "undecided"
+    if result.first_bad:
+        result.first_bad_subject = subject(repo, result.first_bad)
+
+
+def bisect(settings: Settings, req: Request, series_file: Path, *, image: Callable[[], Path] | None = None,
+           fragments: Sequence[kconfig.Fragment] = ()) -> Result:
+    """Run the whole bisect; the user's tree is left exactly as it was.
+
+    ``image`` makes (or finds) the guest image; it is called once the
+    request was checked, so a wrong ref fails in a second, not after mmdebstrap.
+    ``fragments`` are the config fragments every step kernel is built with.
+    """
+    start = time.monotonic()
+    repo, good, bad = _check_refs(req)
+    parse_series(series_file)          # a broken series file fails now, not at every step
     image_path = image() if image is not None else None
-    inputs_key = hashlib.sha256(f"{STEP_RECIPE}\0{series.fingerprint()}\0{fragments_key}".encode()).hexdigest()[:12]
-    root = settings.sub("bisect") / state_key(repo, fragments_key)
+    root = settings.sub("bisect") / state_key(repo, kconfig.fingerprint(fragments) if fragments else "")
     report_dir = settings.results_dir / "bisect" / req.label
     with _locked(root / "lock"):
         shutil.rmtree(report_dir, ignore_errors=True)
         report_dir.mkdir(parents=True)
-        wt, obj = root / "src", root / "obj"
-        obj.mkdir(parents=True, exist_ok=True)
+        wt = root / "src"
+        (root / "obj").mkdir(parents=True, exist_ok=True)
         _remove_worktree(repo, wt)      # left over from a run that was killed
         before = snapshot(repo)         # after that cleanup: the leftover was ours, not the user's
-        state = {
-            "worktree": str(wt), "obj": str(obj), "kernels": str(root / "kernels"),
-            "mtimes": str(root / "mtimes.json"), "report_dir": str(report_dir),
-            "series_file": str(series_file), "inputs_key": inputs_key,
-            "project_root": str(settings.project_root),
-            "settings": settings.to_dict(), "image": str(image_path or ""),
-            "scenario": req.scenario, "fs": req.fs, "command": list(req.command),
-            "on_build_failure": req.on_build_failure, "on_boot_failure": req.on_boot_failure,
-        }
         state_path = report_dir / "state.json"
-        state_path.write_text(json.dumps(state, indent=2))
+        state_path.write_text(json.dumps(_step_state(settings, req, root, report_dir, series_file,
+                                                     fragments, image_path), indent=2))
         result = Result(good=good, bad=bad, first_bad=None, first_bad_subject="", candidates=[], steps=[],
                         report_dir=report_dir, status="interrupted", request=_request_dict(req))
         try:
-            git(repo, "worktree", "add", "--detach", "-q", str(wt), bad, quiet=False)
-            git(wt, "bisect", "start", bad, good, quiet=False)
-            log = report_dir / "git-bisect-run.log"
-            rc = runner.run_logged(["git", "bisect", "run", sys.executable, "-m", "vm.bisect", "step",
-                                    str(state_path)], log, cwd=wt,
-                                   env={"PYTHONPATH": str(settings.project_root)},
-                                   show=_show_bisect_line, new_session=True)
-            (report_dir / "bisect.log").write_text(git(wt, "bisect", "log", check=False).stdout)
-            result.first_bad, result.candidates = parse_run_output(log.read_text(errors="replace"))
-            result.steps = read_steps(report_dir)
-            # `git bisect run` exits non-zero also when only skipped commits are left:
-            # that is still an answer (a set of candidates), not a failure
-            if not result.candidates:
-                result.status = "failed"
-                aborted = [s for s in result.steps if s.verdict == "abort"]
-                reason = (f"step {aborted[-1].n} at {aborted[-1].commit[:12]}: {aborted[-1].reason}"
-                          if aborted else f"`git bisect run` exited {rc}: {runner.tail(log.read_text(), 2)}")
-                raise errors.BisectFailed(reason=reason, fix=f"see {log}; the user tree is unchanged")
-            result.status = "done" if result.first_bad else "undecided"
-            if result.first_bad:
-                result.first_bad_subject = subject(repo, result.first_bad)
+            _run_bisect(repo, wt, state_path, result, settings)
         finally:
             _remove_worktree(repo, wt)
             result.steps = read_steps(report_dir)
             result.seconds = round(time.monotonic() - start, 1)
             write_report(result)
-            after = snapshot(repo)
-            changed = before.differences(after)
+            changed = before.differences(snapshot(repo))
             if changed:
                 raise errors.TreeChanged(repo=repo, what=", ".join(changed))
     return result

@@ -125,6 +125,15 @@ class KvmHang(InfraError):
     message = "KVM guest printed nothing in {seconds:.0f}s (hangs in firmware or QEMU died); fix: use --accel tcg"
 
 
+class SuiteFailed(HarnessError):
+    """A verdict, neither the user's input nor the machine: a test session did not
+    pass (a case failed or errored, or none ran)."""
+
+    exit_code = 1
+    message = ("{name}: {counts} (pytest exited {rc}; failing: {failing}); "
+               "fix: read the failures above and {xml}")
+
+
 class LintFailed(UserError):
     message = ("checkpatch --strict is not clean on {count} patch(es): {patches}; "
                "fix: correct the lines listed above and regenerate the patches")

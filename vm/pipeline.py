@@ -9,11 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from vm import bisect as bisect_mod
 from vm import errors, runner
 from vm.kernel import build, fetch, kconfig
 from vm.kernel.patch import Series, parse_series
 from vm.machine import guest, image
 from vm.settings import Settings
+from vm.suites import suite
+from vm.suites.scenario import Expectations
+from vm.suites.suite import SuiteRequest, SuiteResult
 
 BASELINE = "baseline"
 PATCHED = "patched"
@@ -182,20 +186,13 @@ def check_cover_letter(settings: Settings, tree: fetch.Tree) -> Path:
     return path
 
 
-def expectations_file(settings: Settings) -> Path:
-    return settings.project_root / "tests" / "scenarios" / "expectations.json"
-
-
 def bisect(settings: Settings, req, series_file: Path | None = None) -> "object":
     """Check the request against the expectations table, then run :func:`vm.bisect.bisect`."""
-    from vm import bisect as bisect_mod
-    from vm.suites.scenario import Expectations
-
     def make_image() -> Path:     # called once the refs are known good
         return guest_image(settings).path
 
     if req.scenario:
-        table = Expectations.load(expectations_file(settings))
+        table = Expectations.load(settings.suite_path("expectations"))
         if req.scenario not in table.row_ids:
             raise errors.BadArgument(what=f"unknown scenario {req.scenario!r}",
                                      fix=f"use a SCENARIOS.md row id: {', '.join(table.row_ids)}")
@@ -204,7 +201,7 @@ def bisect(settings: Settings, req, series_file: Path | None = None) -> "object"
                                      fix=f"use one of {', '.join(table.filesystems)}")
     return bisect_mod.bisect(settings, req, series_file or settings.series_file,
                              image=make_image if req.scenario else None,
-                             fragments_key=kconfig.fingerprint(fragments(settings, False)))
+                             fragments=fragments(settings, False))
 
 
 def matrix_kernels(settings: Settings, bases: list[str], variants: list[Variant]) -> list[tuple[str, build.Kernel]]:
@@ -215,7 +212,7 @@ def matrix_kernels(settings: Settings, bases: list[str], variants: list[Variant]
     """
     from dataclasses import replace
 
-    bases_dir = settings.project_root / "tests" / "scenarios" / "bases"
+    bases_dir = settings.suite_path("bases")
     for base in bases:
         missing = [str(p) for p in (settings.project_root / "patches" / base / "series",
                                     bases_dir / f"{base}.json") if not p.is_file()]
@@ -229,3 +226,62 @@ def matrix_kernels(settings: Settings, bases: list[str], variants: list[Variant]
         for variant in variants:
             built.append((f"{variant.label}@{base}", build_kernel(per_base, variant, tree)))
     return built
+
+
+# --- suites on kernels ---------------------------------------------------------------
+
+def build_variants(settings: Settings, variants: list[Variant],
+                   source: str | None = None) -> list[tuple[str, build.Kernel]]:
+    """``[(label, kernel), ...]`` for the variants on ``settings.base``."""
+    tree = get_tree(settings, source)
+    return [(v.label, build_kernel(settings, v, tree)) for v in variants]
+
+
+def scenarios(settings: Settings, kernels: list[tuple[str, build.Kernel]], *, name: str = "scenarios",
+              tests: str = "scenarios", results_dir: Path | None = None,
+              rows_for: dict[str, tuple[str, ...]] | None = None, keyword: str | None = None,
+              keep_vm: bool = False) -> SuiteResult:
+    """The scenario suite (``ovl.suites.<tests>``) on booted ``kernels``, one session."""
+    req = SuiteRequest(name=name, tests=(getattr(settings.suites, tests),),
+                       results_dir=results_dir or settings.results_dir,
+                       kernels=tuple((label, k.build_dir) for label, k in kernels),
+                       image=guest_image(settings).path, rows_for=rows_for or {}, keyword=keyword,
+                       keep_vm=keep_vm)
+    return suite.run(settings.project_root, req)
+
+
+def tests_without_kernels(settings: Settings, which: str, *, markers: str | None = None,
+                          options: tuple[str, ...] = ()) -> SuiteResult:
+    """A suite that needs no kernel given (``unit``, ``bisect``), results as ``<which>.xml``."""
+    req = SuiteRequest(name=which, tests=(getattr(settings.suites, which),),
+                       results_dir=settings.results_dir, markers=markers, options=options)
+    return suite.run(settings.project_root, req)
+
+
+def mutation_problems(result: SuiteResult, targeted: set[str]) -> list[str]:
+    """Why a mutation run does not show what it must: exactly ``targeted`` failed, as a
+    failed assertion, and every other case passed.  A setup error (a boot that failed,
+    a crash), a skip or a missing case never counts as the expected failure."""
+    problems = []
+    failed = set(result.named("failed"))
+    if failed - targeted:
+        problems.append(f"unexpected failures: {', '.join(sorted(failed - targeted))}")
+    if targeted - failed:
+        problems.append(f"should have failed but did not: {', '.join(sorted(targeted - failed))}")
+    for outcome in ("error", "skipped"):
+        if result.named(outcome):
+            problems.append(f"{outcome}: {', '.join(result.named(outcome))}")
+    if not result.cases:
+        problems.append(f"no test ran (pytest exited {result.returncode})")
+    return problems
+
+
+def mutation(settings: Settings, source: str | None = None) -> tuple[SuiteResult, set[str]]:
+    """The series without its last patch, judged by the full series' expectations."""
+    n = len(series(settings))
+    broken = build_kernel(settings, Variant(f"prefix-{n - 1}", n - 1), get_tree(settings, source))
+    result = scenarios(settings, [(PATCHED, broken)], name="scenarios", tests="rows",
+                       results_dir=settings.results_dir / "mutation")
+    filesystems = Expectations.load(settings.suite_path("expectations")).filesystems
+    targeted = {f"test_row[{row}-{fs}-{PATCHED}]" for row in settings.mutation_rows for fs in filesystems}
+    return result, targeted

@@ -6,7 +6,7 @@ One frozen dataclass instead of module-level globals: tasks build it from
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
@@ -14,6 +14,18 @@ from typing import Any, Mapping
 from vm import errors
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class SuitePaths:
+    """Where the test suites live, relative to the project root (``ovl.suites``)."""
+
+    unit: str = "tests/unit"
+    scenarios: str = "tests/scenarios"                    # the whole scenario suite (smoke, boot failures)
+    rows: str = "tests/scenarios/test_scenarios.py"       # the SCENARIOS.md rows alone
+    expectations: str = "tests/scenarios/expectations.json"
+    bases: str = "tests/scenarios/bases"                  # per-base differences, <base>.json
+    bisect: str = "tests/bisect"
 
 
 @dataclass(frozen=True)
@@ -44,6 +56,7 @@ class Settings:
     ci_full_variants: tuple[str, ...] = ()
     ci_full_rows_for: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({}))
     mutation_rows: tuple[str, ...] = ()
+    suites: SuitePaths = field(default_factory=SuitePaths)
     project_root: Path = PROJECT_ROOT
 
     @classmethod
@@ -71,6 +84,7 @@ class Settings:
             ci_variants=tuple(self.ci_variants), ci_full_variants=tuple(self.ci_full_variants),
             mutation_rows=tuple(self.mutation_rows),
             ci_rows_for=_rows_map(self.ci_rows_for, "ci_rows_for"),
+            suites=_suite_paths(self.suites),
             ci_full_rows_for=_rows_map(self.ci_full_rows_for, "ci_full_rows_for"),
             jobs=int(self.jobs), memory_mb=int(self.memory_mb), cpus=int(self.cpus),
             kvm_probe_timeout=float(self.kvm_probe_timeout), boot_timeout=float(self.boot_timeout),
@@ -81,6 +95,8 @@ class Settings:
         def plain(value: Any) -> Any:
             if isinstance(value, Path):
                 return str(value)
+            if isinstance(value, SuitePaths):
+                return asdict(value)
             if isinstance(value, Mapping):
                 return {k: plain(v) for k, v in value.items()}
             if isinstance(value, tuple):
@@ -97,6 +113,10 @@ class Settings:
     def series_file(self) -> Path:
         return self.patches_dir / "series"
 
+    def suite_path(self, name: str) -> Path:
+        """Absolute path of ``ovl.suites.<name>`` (e.g. ``expectations``)."""
+        return self.project_root / getattr(self.suites, name)
+
     @property
     def kconfig_dir(self) -> Path:
         return self.project_root / "kconfig"
@@ -104,6 +124,17 @@ class Settings:
     def sub(self, name: str) -> Path:
         """``<cache_dir>/<name>`` (not created: whoever writes there makes it)."""
         return self.cache_dir / name
+
+
+def _suite_paths(value: Any) -> SuitePaths:
+    if isinstance(value, SuitePaths):
+        return value
+    known = {f.name for f in fields(SuitePaths)}
+    unknown = sorted(set(value or {}) - known)
+    if unknown:
+        raise errors.BadArgument(what=f"unknown ovl.suites key(s) {', '.join(unknown)}",
+                                 fix=f"use {', '.join(sorted(known))}")
+    return SuitePaths(**{k: str(v) for k, v in (value or {}).items()})
 
 
 def _rows_map(value: Any, name: str) -> Mapping[str, tuple[str, ...]]:

@@ -49,6 +49,11 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("row", rows, ids=rows)
     if "fs" in metafunc.fixturenames:
         filesystems = list(load_expectations().filesystems)
+        wanted = metafunc.config.getoption("--fs")
+        unknown = sorted(set(wanted) - set(filesystems))
+        if unknown:
+            raise pytest.UsageError(f"--fs {', '.join(unknown)}: use one of {', '.join(filesystems)}")
+        filesystems = [fs for fs in filesystems if not wanted or fs in wanted]
         metafunc.parametrize("fs", filesystems, ids=filesystems)
 
 
