@@ -77,13 +77,17 @@ def build(c, variants="baseline,patched", debug=False, source=None, prefixes=Fal
     """Build kernels (keyed by tree, series and config: unchanged inputs never rebuild)."""
     s = settings_of(c, base=base)
     wanted = _variants(variants, debug)
-    tree = pipeline.get_tree(s, source)
     if prefixes:
         wanted += [v for v in pipeline.prefix_variants(s, debug) if v not in wanted]
-    for variant in wanted:
-        kernel = pipeline.build_kernel(s, variant, tree)
-        print(f"{variant.label}: {kernel.bzimage}")
+    _build(s, wanted, source)
+
+
+def _build(s: Settings, wanted: list[pipeline.Variant], source: str | None = None) -> dict:
+    built = dict(pipeline.build_variants(s, wanted, source))
+    for label, kernel in built.items():
+        print(f"{label}: {kernel.bzimage}")
     pipeline.guest_image(s)
+    return built
 
 
 @harness_task
@@ -182,7 +186,11 @@ def matrix(c, bases=None, variants="baseline,patched", k=None):
     """Version matrix: build the variants on every base, run the suite on all, render one matrix."""
     s = settings_of(c)
     wanted = [b.strip() for b in bases.split(",") if b.strip()] if bases else list(s.bases)
-    kernels = pipeline.matrix_kernels(s, wanted, _variants(variants, False))
+    _matrix(s, wanted, _variants(variants, False), k)
+
+
+def _matrix(s: Settings, bases: list[str], variants: list[pipeline.Variant], k: str | None = None) -> None:
+    kernels = pipeline.matrix_kernels(s, bases, variants)
     results = s.results_dir / "matrix"
     pipeline.scenarios(s, kernels, name="matrix", tests="rows", results_dir=results, keyword=k).check()
     print(f"matrix: {results / 'matrix.md'}")
@@ -192,11 +200,14 @@ def matrix(c, bases=None, variants="baseline,patched", k=None):
                     "base": BASE_HELP})
 def lint(c, source=None, base=None):
     """checkpatch --strict on every patch, and the cover letter is up to date."""
-    s = settings_of(c, base=base)
+    _lint(settings_of(c, base=base), source)
+
+
+def _lint(s: Settings, source: str | None = None) -> None:
     tree = pipeline.get_tree(s, source)
-    with runner.phase("checkpatch --strict"):
+    with runner.phase(f"checkpatch --strict ({s.base})"):
         pipeline.lint(s, tree)
-    with runner.phase("cover letter up to date"):
+    with runner.phase(f"cover letter up to date ({s.base})"):
         print(f"cover letter up to date: {pipeline.check_cover_letter(s, tree)}")
 
 
@@ -217,14 +228,22 @@ def cover_letter(c, source=None, base=None):
 @harness_task
 def unit(c):
     """Fast unit tests (no VM)."""
-    pipeline.tests_without_kernels(settings_of(c), "unit", markers="unit", options=UNIT_OPTIONS).check()
+    _unit(settings_of(c))
+
+
+def _unit(s: Settings) -> None:
+    pipeline.tests_without_kernels(s, "unit", markers="unit", options=UNIT_OPTIONS).check()
 
 
 @harness_task(help={"source": "kernel source (see `invoke fetch --help`)"})
 def mutation(c, source=None):
     """Break the series on purpose (drop patch 4, the errseq check) and show that
     exactly the rows that depend on it fail against the full series' expectations."""
-    result, targeted = pipeline.mutation(settings_of(c), source)
+    _mutation(settings_of(c), source)
+
+
+def _mutation(s: Settings, source: str | None = None) -> None:
+    result, targeted = pipeline.mutation(s, source)
     print(f"series without its last patch, judged as the full series: {result.counts()}; "
           f"failed: {result.named('failed')}")
     problems = pipeline.mutation_problems(result, targeted)
@@ -272,14 +291,13 @@ def ci(c, full=False):
     """The test command: unit tests, lint, every series prefix built, scenarios on booted guests."""
     s = settings_of(c)
     with runner.phase("unit tests"):
-        unit(c)
+        _unit(s)
     for base in s.bases:
         with runner.phase(f"lint {base}"):
-            lint(c, base=base)
+            _lint(s.with_base(base))
     every = pipeline.prefix_variants(s) + [pipeline.Variant.parse(f"{pipeline.PATCHED}-debug")]
     with runner.phase(f"build every series prefix and the debug kernel ({', '.join(v.label for v in every)})"):
-        built = dict(pipeline.build_variants(s, every))
-        pipeline.guest_image(s)
+        built = _build(s, every)
     variants = s.ci_full_variants if full else s.ci_variants
     rows_for = dict(s.ci_full_rows_for if full else s.ci_rows_for)
     with runner.phase(f"scenarios ({'ci_full' if full else 'ci'}) on {', '.join(variants)}"):
@@ -289,18 +307,18 @@ def ci(c, full=False):
     with runner.phase("bisect a kernel history (tests/bisect)"):
         pipeline.tests_without_kernels(s, "bisect", markers="slow").check()
     if full:
-        _full_tier(c, s)
+        _full_tier(s)
 
 
-def _full_tier(c, s: Settings) -> None:
+def _full_tier(s: Settings) -> None:
     with runner.phase("mutation check (series without the errseq patch)"):
-        mutation(c)
+        _mutation(s)
     for base in s.bases:
         if base != s.base:
             with runner.phase(f"build every series prefix on {base}"):
-                build(c, prefixes=True, base=base)
+                _build(s.with_base(base), pipeline.prefix_variants(s.with_base(base)))
     with runner.phase(f"version matrix ({', '.join(s.bases)})"):
-        matrix(c, bases=",".join(s.bases))
+        _matrix(s, list(s.bases), [pipeline.Variant.parse(pipeline.BASELINE), pipeline.Variant.parse(pipeline.PATCHED)])
 
 
 ns = Collection(setup, fetch, build, image, boot, ssh, stop, test, unit, lint, cover_letter, mutation,

@@ -210,7 +210,6 @@ def matrix_kernels(settings: Settings, bases: list[str], variants: list[Variant]
     Each base uses its own series (patches/<base>/) and its own source (the
     configured source kind, e.g. Debian's linux-source-<base>).
     """
-    from dataclasses import replace
 
     bases_dir = settings.suite_path("bases")
     for base in bases:
@@ -221,7 +220,7 @@ def matrix_kernels(settings: Settings, bases: list[str], variants: list[Variant]
                                      fix="add the series and its expectations file, or drop the base")
     built = []
     for base in bases:
-        per_base = replace(settings, base=base)
+        per_base = settings.with_base(base)
         tree = get_tree(per_base)
         for variant in variants:
             built.append((f"{variant.label}@{base}", build_kernel(per_base, variant, tree)))

@@ -104,6 +104,10 @@ class Settings:
             return value
         return {f.name: plain(getattr(self, f.name)) for f in fields(self)}
 
+    def with_base(self, base: str) -> "Settings":
+        """The same settings for another kernel base (patches/<base>/ and its source)."""
+        return replace(self, base=str(base))
+
     # --- derived paths ---------------------------------------------------
     @property
     def patches_dir(self) -> Path:
