@@ -23,17 +23,21 @@ def table() -> Expectations:
     return Expectations.load(TABLE)
 
 
-def _scenarios_md() -> Path | None:
-    return next((p for p in SCENARIOS_MD if p.is_file()), None)
-
-
-def test_table_covers_every_row_of_scenarios_md(table):
-    path = _scenarios_md()
+@pytest.fixture(scope="module")
+def contract(missing_input) -> list[scenario.ContractRow]:
+    """The rows of SCENARIOS.md's behaviour table (the contract the table follows)."""
+    path = next((p for p in SCENARIOS_MD if p.is_file()), None)
     if path is None:
-        pytest.skip("SCENARIOS.md not found next to the repository")
-    rows = scenario.parse_scenarios_md(path.read_text())
+        missing_input(f"SCENARIOS.md (looked in {', '.join(map(str, SCENARIOS_MD))})",
+                      "check out the shared directory next to the repository")
+    rows = scenario.parse_scenarios_table(path.read_text())
     assert len(rows) >= 10, f"could not parse the behaviour table of {path}: {rows}"
-    assert table.row_ids == rows, "rows of expectations.json must be SCENARIOS.md's, in its order"
+    return rows
+
+
+def test_table_covers_every_row_of_scenarios_md(table, contract):
+    assert table.row_ids == [r.id for r in contract], \
+        "rows of expectations.json must be SCENARIOS.md's, in its order"
 
 
 @pytest.mark.parametrize("label", VARIANTS + [v + "-debug" for v in VARIANTS])
@@ -66,16 +70,45 @@ def test_patch_level_expectations(table):
             assert prefix3.steps == patched.steps, f"{row}: prefix-3 must behave as P"
 
 
-def test_headlines_match_scenarios_md(table):
-    # the P and B columns of SCENARIOS.md, by the outcome of each row's deciding step
-    p = {"fresh-volatile": "OK", "volatile-to-volatile": "OK", "volatile-to-nonvolatile": "EINVAL",
-         "nonvolatile-to-volatile": "OK", "nonvolatile-to-nonvolatile": "OK",
-         "upper-remounted": "EINVAL", "module-reloaded": "EINVAL", "rebooted": "EINVAL",
-         "wb-error-unseen": "EIO", "wb-error-seen": "EINVAL", "fsync-after-wb-error": "EIO",
-         "manual-cleanup": "OK", "chained-reuse": "OK"}
-    b = dict(p, **{"volatile-to-volatile": "EINVAL", "chained-reuse": "EINVAL"})
-    assert {r: table.get(r, "patched").headline for r in table.row_ids} == p
-    assert {r: table.get(r, "baseline").headline for r in table.row_ids} == b
+def test_headlines_match_scenarios_md(table, contract):
+    # the outcome of each row's deciding (last) step, as the P and B cells state it
+    wrong = []
+    for row in contract:
+        p = scenario.cell_outcome(row.p)
+        b = scenario.cell_outcome(row.b, same=p)
+        for variant, cell, want in (("patched", row.p, p), ("baseline", row.b, b)):
+            got = table.get(row.id, variant).headline
+            if got != want:
+                wrong.append(f"{row.id}/{variant}: expectations.json ends in {got}, SCENARIOS.md says {cell!r}")
+    assert not wrong, "; ".join(wrong)
+
+
+@pytest.mark.parametrize("cell,same,expected", [
+    ("OK; `work/incompat/volatile/dirty` exists; checkpoint xattr present on `work/incompat/volatile`",
+     None, "OK"),
+    ("OK; files intact; dirty file still there", None, "OK"),
+    ("EINVAL (instance id changed)", None, "EINVAL"),
+    ('EIO (upstream "unseen error" check)', None, "EIO"),
+    ("EIO", None, "EIO"),
+    ("fsync fails both times, syncfs EIO", None, "EIO"),
+    ("same", "EIO", "EIO"),
+    ("first remount EINVAL", None, "EINVAL"),
+    ("OK each time", None, "OK"),
+    ("ENOENT", None, "ENOENT"),           # an errno the table lacks still maps, then mismatches
+], ids=["ok-then-detail", "ok-files", "einval-why", "eio-quoted", "eio", "fsync-syncfs", "same",
+        "first-remount", "ok-each-time", "other-errno"])
+def test_cell_outcome(cell, same, expected):
+    assert scenario.cell_outcome(cell, same=same) == expected
+
+
+@pytest.mark.parametrize("cell,match", [
+    ("fails", "names no outcome"),
+    ("OK, then EIO", r"names several outcomes \(EIO, OK\)"),
+    ("same", "'same' with no P outcome"),
+], ids=["none", "several", "same-without-p"])
+def test_cell_outcome_rejects_unclear_cells(cell, match):
+    with pytest.raises(errors.ExpectationError, match=match):
+        scenario.cell_outcome(cell)
 
 
 def test_failing_mounts_name_their_log_line(table):
@@ -199,6 +232,11 @@ def test_parse_scenarios_md():
             "| fresh-volatile | mount | OK | OK |\n| `x-y` | a \\| b | EIO | EIO |\n\nafter\n"
             "| other | table |\n")
     assert scenario.parse_scenarios_md(text) == ["fresh-volatile", "x-y"]
+    rows = scenario.parse_scenarios_table(text)
+    assert [(r.id, r.steps, r.p, r.b) for r in rows] == [("fresh-volatile", "mount", "OK", "OK"),
+                                                         ("x-y", "a | b", "EIO", "EIO")]
+    with pytest.raises(errors.ExpectationError, match="has no P/B column"):
+        scenario.parse_scenarios_table("| id | steps |\n|--|--|\n| a | b |\n")
 
 
 def test_parse_getfattr():

@@ -153,9 +153,9 @@ def keys(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def sshd_factory(keys, tmp_path_factory):
+def sshd_factory(keys, tmp_path_factory, missing_input):
     if not SSHD.exists():
-        pytest.skip(f"{SSHD} is not installed (apt-get install openssh-server)")
+        missing_input(str(SSHD), "apt-get install openssh-server")
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # privilege separation dir
     _, host_key, authorized = keys
     factory = SshdFactory(tmp_path_factory.mktemp("sshd"), host_key, authorized)

@@ -557,18 +557,68 @@ def _log_tail(lines: list[str], count: int = 4) -> str:
     return " | ".join(picked) if picked else "nothing logged"
 
 
+@dataclass(frozen=True)
+class ContractRow:
+    """One row of SCENARIOS.md's behaviour table: its id and the text of its cells."""
+
+    id: str
+    steps: str
+    p: str      # the P column (patched kernel)
+    b: str      # the B column (unpatched baseline)
+
+
+def _cells(line: str) -> list[str]:
+    """The cells of a Markdown table line (``\\|`` is a literal bar)."""
+    inner = line.strip().removeprefix("|").removesuffix("|")
+    return [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", inner)]
+
+
+def parse_scenarios_table(text: str) -> list[ContractRow]:
+    """The behaviour table of SCENARIOS.md (the one whose header starts with ``id``)."""
+    rows: list[ContractRow] = []
+    header: list[str] | None = None
+    for line in text.splitlines():
+        if not line.lstrip().startswith("|"):
+            header = None
+            continue
+        cells = _cells(line)
+        if header is None:
+            if cells[0] == "id":
+                header = cells
+                missing = [c for c in ("steps", "P", "B") if c not in header]
+                if missing:
+                    raise errors.ExpectationError(detail=f"SCENARIOS.md: the behaviour table has no "
+                                                         f"{'/'.join(missing)} column (header: {line.strip()})")
+            continue
+        if set("".join(cells)) <= set("-: "):
+            continue
+        cell = dict(zip(header, cells))
+        rows.append(ContractRow(cells[0].strip("`"), cell.get("steps", ""), cell.get("P", ""),
+                                cell.get("B", "")))
+    return rows
+
+
 def parse_scenarios_md(text: str) -> list[str]:
     """Row ids of the behaviour table in SCENARIOS.md (first column after the ``id`` header)."""
-    ids: list[str] = []
-    in_table = False
-    for line in text.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if not line.lstrip().startswith("|"):
-            in_table = False
-            continue
-        if cells and cells[0] == "id":
-            in_table = True
-            continue
-        if in_table and cells and not set(cells[0]) <= set("-: "):
-            ids.append(cells[0].strip("`"))
-    return ids
+    return [row.id for row in parse_scenarios_table(text)]
+
+
+_CELL_OUTCOME = re.compile(r"\b(OK|E[A-Z]{2,})\b")
+
+
+def cell_outcome(cell: str, same: str | None = None) -> str:
+    """The outcome a P or B cell of SCENARIOS.md states: "OK; files intact" -> OK,
+    "EINVAL (instance id changed)" -> EINVAL, "fsync fails both times, syncfs EIO" -> EIO;
+    "same" (a B cell) is ``same``, the outcome of the row's P cell."""
+    text = cell.strip()
+    if text.lower() == "same":
+        if same is None:
+            raise errors.ExpectationError(detail=f"SCENARIOS.md: cell {cell!r} says 'same' with "
+                                                 "no P outcome to refer to")
+        return same
+    found = set(_CELL_OUTCOME.findall(text))
+    if len(found) != 1:
+        what = "no outcome" if not found else f"several outcomes ({', '.join(sorted(found))})"
+        raise errors.ExpectationError(detail=f"SCENARIOS.md: cell {cell!r} names {what}: "
+                                             "it must state one of OK or an errno name")
+    return found.pop()
