@@ -79,7 +79,8 @@ def test_headlines_match_scenarios_md(table, contract):
         for variant, cell, want in (("patched", row.p, p), ("baseline", row.b, b)):
             got = table.get(row.id, variant).headline
             if got != want:
-                wrong.append(f"{row.id}/{variant}: expectations.json ends in {got}, SCENARIOS.md says {cell!r}")
+                wrong.append(f"{row.id}/{variant}: expectations.json ends in {got}, "
+                             f"SCENARIOS.md says {cell!r}")
     assert not wrong, "; ".join(wrong)
 
 

@@ -587,8 +587,9 @@ def parse_scenarios_table(text: str) -> list[ContractRow]:
                 header = cells
                 missing = [c for c in ("steps", "P", "B") if c not in header]
                 if missing:
-                    raise errors.ExpectationError(detail=f"SCENARIOS.md: the behaviour table has no "
-                                                         f"{'/'.join(missing)} column (header: {line.strip()})")
+                    raise errors.ExpectationError(
+                        detail=f"SCENARIOS.md: the behaviour table has no {'/'.join(missing)} column "
+                               f"(header: {line.strip()})")
             continue
         if set("".join(cells)) <= set("-: "):
             continue
