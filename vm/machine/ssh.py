@@ -16,6 +16,14 @@ arguments are never glued together by hand), or a string that is sent as-is
 and is an explicit shell snippet.  Failures become one-line
 :class:`~vm.errors.HarnessError` messages naming the cause and the fix.
 
+A command that outlives its timeout is killed in the guest, with everything
+it started: each command runs with ``OVH_CMD_TAG=<random>`` in its
+environment (:func:`tagged`), and on expiry a second channel kills every
+process carrying that tag (:func:`kill_tagged`).  A list command is
+``exec``'d by the session shell, so it keeps that shell's pid, and its parent
+is sshd, as without the tag.  (``timeout(1)`` as the parent would change
+both; a pty would merge stderr into stdout.)
+
 :class:`tests.fakes.FakeConnection` has the same public API and scripted
 results, for unit tests of code that drives a guest.
 """
@@ -25,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import secrets
 import select
 import shlex
 import socket
@@ -77,6 +86,33 @@ def render(cmd: Cmd, env: Mapping[str, str] | None = None) -> str:
         inner = ["sh", "-c", cmd] if isinstance(cmd, str) else argv
         return shlex.join(["env", *assigns, *inner])
     return cmd if isinstance(cmd, str) else shlex.join(argv)
+
+
+#: environment variable that marks every process of one guest command (see the module docstring)
+TAG_VAR = "OVH_CMD_TAG"
+#: seconds the kill of a timed-out command may take
+KILL_TIMEOUT = 20.0
+
+
+def tagged(line: str, tag: str, *, simple: bool) -> str:
+    """``line`` (from :func:`render`) as sent: with ``TAG_VAR=tag`` exported first.  A
+    ``simple`` line (one command: a list, or anything with ``env``) is ``exec``'d, so the
+    command is still the process sshd started; a snippet runs as it is after the export."""
+    if not tag.isalnum():
+        raise ValueError(f"bad command tag {tag!r}")
+    return f"{TAG_VAR}={tag}; export {TAG_VAR}; {'exec ' if simple else ''}{line}"
+
+
+def kill_tagged(tag: str) -> str:
+    """Shell snippet: SIGKILL every process whose environment holds ``TAG_VAR=tag`` (one
+    grep over /proc/*/environ per round, until none is left); exits 1 if some survive."""
+    if not tag.isalnum():
+        raise ValueError(f"bad command tag {tag!r}")
+    return ("for round in 1 2 3 4 5 6 7 8 9 10; do "
+            f"found=$(grep -lsxzF {TAG_VAR}={tag} /proc/[0-9]*/environ); "
+            '[ -n "$found" ] || exit 0; '
+            'for f in $found; do p=${f#/proc/}; kill -KILL "${p%/environ}" 2>/dev/null; done; '
+            "sleep 0.2; done; exit 1")
 
 
 @dataclass(frozen=True)
@@ -331,35 +367,62 @@ class GuestConnection:
         """Run ``cmd`` in the guest and return its :class:`CommandResult`.
 
         ``timeout`` (default ``command_timeout``) bounds the whole command; on
-        expiry the channel is closed and :class:`GuestCommandTimeout` raised.
-        The remote process is not killed (there is no pty to hang up), so a
-        command that must not outlive its timeout should use ``timeout(1)``.
+        expiry the channel is closed, the command and every process it started
+        are killed in the guest (see :func:`kill_tagged`), and
+        :class:`GuestCommandTimeout` is raised.
         """
         line = render(cmd, env)
         argv = _argv_of(cmd)
         limit = self.command_timeout if timeout is None else timeout
+        tag = secrets.token_hex(8)
+        try:
+            status, out, err = self._channel(tagged(line, tag, simple=bool(env) or not isinstance(cmd, str)),
+                                             line, input, limit)
+        except errors.GuestCommandTimeout:
+            left = self._end_remote(tag)
+            raise errors.GuestCommandTimeout(
+                cmd=_oneline(line), timeout=limit,
+                fix="raise the timeout, or check the guest for a hung process "
+                    + ("(it was killed in the guest)" if left is None
+                       else f"(it could not be killed in the guest: {_oneline(left)}; it may still run)")
+            ) from None
+        result = CommandResult(argv, status,
+                               out.decode("utf-8", errors="replace"),
+                               err.decode("utf-8", errors="replace"))
+        return result.check() if check else result
+
+    def _channel(self, sent: str, line: str, input: str | None, limit: float) -> tuple[int, bytes, bytes]:
+        """Run ``sent`` on a new channel (``line`` names it in errors)."""
         transport = self._transport()
         try:
             chan = transport.open_session(timeout=self.connect_timeout)
         except (OSError, EOFError, paramiko.SSHException) as exc:
             raise self._dropped(f"opening a channel for `{_oneline(line)}`", exc) from exc
         try:
-            status, out, err = self._exchange(chan, line, input, limit, transport)
+            return self._exchange(chan, line, input, limit, transport, sent=sent)
         finally:
             chan.close()
-        result = CommandResult(argv, status,
-                               out.decode("utf-8", errors="replace"),
-                               err.decode("utf-8", errors="replace"))
-        return result.check() if check else result
+
+    def _end_remote(self, tag: str) -> str | None:
+        """Kill the processes of a timed-out command; None when none is left, else why not."""
+        line = kill_tagged(tag)
+        try:
+            status, out, err = self._channel(line, "kill the timed-out command", None, KILL_TIMEOUT)
+        except (errors.HarnessError, OSError, EOFError, paramiko.SSHException) as exc:
+            return str(exc)
+        if status != 0:
+            return f"`{line}` exited {status}: {tail((err or out).decode(errors='replace'), 2)}"
+        return None
 
     def _exchange(self, chan: paramiko.Channel, line: str, input: str | None,
-                  limit: float, transport: paramiko.Transport) -> tuple[int, bytes, bytes]:
+                  limit: float, transport: paramiko.Transport, sent: str | None = None
+                  ) -> tuple[int, bytes, bytes]:
         deadline = time.monotonic() + limit
         pending = (input or "").encode()
         out: list[bytes] = []
         err: list[bytes] = []
         try:
-            chan.exec_command(line)
+            chan.exec_command(line if sent is None else sent)
             if not pending:
                 chan.shutdown_write()
             while True:
@@ -387,8 +450,7 @@ class GuestConnection:
                 if time.monotonic() >= deadline:
                     raise errors.GuestCommandTimeout(
                         cmd=_oneline(line), timeout=limit,
-                        fix="raise the timeout, or check the guest for a hung process "
-                            "(it may still be running)")
+                        fix="raise the timeout, or check the guest for a hung process")
                 wait = min(0.1, max(0.0, deadline - time.monotonic()))
                 if pending:
                     wait = min(wait, 0.01)
