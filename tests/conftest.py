@@ -147,21 +147,19 @@ def kernel(variant, kernel_paths, settings) -> Kernel:
 
 @pytest.fixture(scope="session")
 def guest(request, variant, kernel, guest_image, settings, results_dir):
-    """A booted guest running ``kernel``, shared by every scenario of the variant."""
+    """A booted guest running ``kernel``, shared by every scenario of the variant.
+
+    A detached guest of the same kernel (``invoke boot --detach``, ``--keep-vm``) is
+    reused when no other session is using it; otherwise a fresh guest boots in a run
+    dir of its own, so sessions running at the same time never share one."""
     keep = request.config.getoption("--keep-vm")
-    run_dir = pipeline.run_dir(settings, kernel.label)
-    try:
-        running = guest_mod.attach(run_dir)
-    except errors.GuestNotRunning:
-        running = None
-    if running is not None and running.plan.spec.kernel == kernel.bzimage \
-            and running.plan.spec.root.path == guest_image.path:
-        print(f"\nreusing the detached {kernel.label} guest (pid {running.pid})")
-        g, keep = running, True
+    g = guest_mod.claim_idle(pipeline.running_guests(settings), kernel, guest_image)
+    if g is not None:
+        print(f"\nreusing the detached {kernel.label} guest (pid {g.pid}, {g.plan.run_dir})")
+        keep = True
     else:
-        if running is not None:
-            running.stop()
-        g = pipeline.boot(settings, kernel, guest_image, run_dir, detach=keep)
+        g = pipeline.boot(settings, kernel, guest_image, pipeline.run_dir(settings, kernel.label),
+                          detach=keep)
     try:
         yield g
     finally:
@@ -171,6 +169,7 @@ def guest(request, variant, kernel, guest_image, settings, results_dir):
                   f"(`invoke ssh --variant {kernel.label}`)")
         else:
             g.stop()
+        g.release()
 
 
 class KernelLog:

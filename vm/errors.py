@@ -119,6 +119,19 @@ class GuestNotRunning(InfraError):
     message = "no guest is running ({reason}); fix: start one with `invoke boot --detach`"
 
 
+class RunDirBusy(InfraError):
+    message = ("guest run dir {path} is in use by another harness process (its lock is held); "
+               "fix: boot into a fresh run dir (vm.pipeline.run_dir), or wait for that run to end")
+
+
+class SSHPortTaken(InfraError):
+    """QEMU could not bind the chosen SSH port (another process took it after it was
+    found free); :meth:`vm.machine.guest.Guest.boot` retries with another port."""
+
+    message = ("QEMU could not bind SSH port 127.0.0.1:{port} (taken by another process; see {qemu_log}); "
+               "fix: retry, or find what holds so many local ports (ss -ltnp)")
+
+
 class KvmHang(InfraError):
     """Internal signal: the KVM guest printed nothing; the caller falls back to TCG."""
 

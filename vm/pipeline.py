@@ -102,20 +102,36 @@ def guest_image(settings: Settings) -> image.Image:
 
 
 def run_dir(settings: Settings, label: str) -> Path:
-    """Where a guest of this kernel variant keeps its console, disks and state."""
-    return settings.sub("run") / label
+    """A fresh run dir for one guest of this kernel variant (console, disks, state), held
+    by this process: ``<cache>/run/<label>-<pid>-<tag>/``.  Stale ones are pruned."""
+    return guest.new_run_dir(settings.sub("run"), label)
 
 
 def boot(settings: Settings, kernel: build.Kernel, img: image.Image, run_dir: Path,
          *, detach: bool = False) -> guest.Guest:
+    """Boot ``kernel`` in ``run_dir``.  A detached boot replaces the idle detached guests
+    of the same variant (as `invoke boot --detach` always did); guests another harness
+    process is using are left alone."""
+    if detach:
+        for old in running_guests(settings):
+            if old.plan.kernel_label == kernel.label and old.plan.run_dir != run_dir and old.claim():
+                runner.echo(f"  stopping the idle detached {old.plan.kernel_label} guest (pid {old.pid})")
+                old.stop()
+                old.release()
     with runner.phase(f"boot {kernel.label} ({kernel.release})"):
         return guest.Guest.boot(guest.plan(settings, kernel, img, run_dir), detach=detach)
 
 
 def running_guests(settings: Settings) -> list[guest.Guest]:
-    """Detached guests that are still alive (stale state files are dropped)."""
+    """Detached guests that are still alive, oldest first (stale state files are dropped)."""
+    def started(state: Path) -> float:
+        try:
+            return state.stat().st_mtime
+        except OSError:
+            return 0.0
+
     found = []
-    for state in sorted(settings.sub("run").glob(f"*/{guest.STATE_FILE}")):
+    for state in sorted(settings.sub("run").glob(f"*/{guest.STATE_FILE}"), key=started):
         try:
             found.append(guest.attach(state.parent))
         except errors.GuestNotRunning:
@@ -124,9 +140,13 @@ def running_guests(settings: Settings) -> list[guest.Guest]:
 
 
 def find_guest(settings: Settings, label: str | None) -> guest.Guest:
-    if label:
-        return guest.attach(run_dir(settings, label))
+    """The detached guest of variant ``label`` (the newest if several), or the only one."""
     alive = running_guests(settings)
+    if label:
+        alive = [g for g in alive if g.plan.kernel_label == label]
+        if not alive:
+            raise errors.GuestNotRunning(reason=f"no detached {label} guest found")
+        return alive[-1]
     if len(alive) == 1:
         return alive[0]
     if not alive:

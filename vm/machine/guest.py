@@ -5,14 +5,29 @@ No QEMU process outlives a failure: a foreground guest is started with
 every failure path in :meth:`Guest.boot` stops it before raising.  A
 detached guest (``invoke boot --detach``) records itself in ``guest.json``
 in its run dir so ``invoke ssh``/``stop`` and the pytest fixture find it.
+
+Every guest has its own run dir, ``<cache>/run/<label>-<pid>-<tag>/``
+(:func:`new_run_dir`): console log, QEMU log, scratch disks, state.  Its
+``lock`` file is flocked by the harness process using the guest (booting it,
+or running tests on it), so two harness runs never share a run dir, scratch
+disk or console log, and a detached guest is reused by a test session only
+while no other session uses it (:func:`claim`).  Run dirs whose lock is free
+and whose QEMU is gone are pruned (the newest one of each label is kept, so
+its logs can still be read).  The SSH port is chosen free and bound by QEMU a
+moment later; if another process took it meanwhile, QEMU exits at once and
+the boot retries with another port.
 """
 
 from __future__ import annotations
 
 import base64
 import ctypes
+import fcntl
 import json
 import os
+import re
+import secrets
+import shutil
 import signal
 import subprocess
 import time
@@ -27,6 +42,12 @@ from vm.machine.ssh import GuestConnection, ensure_keypair
 from vm.settings import Settings
 
 STATE_FILE = "guest.json"
+LOCK_FILE = "lock"
+#: ``<label>-<pid>-<tag>``: the run dirs :func:`new_run_dir` makes (and prunes)
+RUN_DIR_NAME = re.compile(r"^(?P<label>.+)-(?P<pid>\d+)-(?P<tag>[0-9a-f]{6})$")
+#: how often a boot picks another SSH port when QEMU cannot bind the chosen one
+PORT_TRIES = 4
+BIND_FAILED = "Could not set up host forwarding rule"
 #: seconds a KVM guest may stay silent before we decide it hangs in firmware
 KVM_FIRST_OUTPUT = 15.0
 
@@ -51,10 +72,89 @@ class BootPlan:
     probe_timeout: float = 0.0
 
 
+# --- run dirs ----------------------------------------------------------------------
+
+_HELD: dict[Path, object] = {}   # run dir -> its open lock file, while this process holds it
+
+
+def claim(run_dir: Path) -> bool:
+    """Take ``run_dir``'s lock without waiting; True if this process holds it now (also
+    when it already did).  Held until :func:`release` or the end of the process."""
+    run_dir = Path(run_dir)
+    if run_dir in _HELD:
+        return True
+    try:
+        fh = open(run_dir / LOCK_FILE, "a")
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        return False
+    _HELD[run_dir] = fh
+    return True
+
+
+def release(run_dir: Path) -> None:
+    fh = _HELD.pop(Path(run_dir), None)
+    if fh is not None:
+        fh.close()
+
+
+def new_run_dir(root: Path, label: str) -> Path:
+    """A fresh run dir for one guest of ``label`` under ``root``, held by this process.
+    Prunes the stale ones first (under ``root/.lock``, so never a dir being made)."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        prune_run_dirs(root)
+        path = root / f"{label}-{os.getpid()}-{secrets.token_hex(3)}"
+        path.mkdir()
+        claim(path)
+    return path
+
+
+def prune_run_dirs(root: Path, keep: int = 1) -> list[Path]:
+    """Remove run dirs nobody holds and no QEMU runs from, but the newest ``keep`` of each
+    label (their console logs stay readable).  Returns the removed dirs."""
+    stale: dict[str, list[tuple[float, Path]]] = {}
+    for entry in root.iterdir():
+        match = RUN_DIR_NAME.match(entry.name)
+        if not match or not entry.is_dir() or entry in _HELD or not claim(entry):
+            continue
+        if qemu_pids(entry):
+            release(entry)          # an idle detached guest: kept, and free to claim
+            continue
+        stale.setdefault(match["label"], []).append((_mtime(entry), entry))
+    removed = []
+    for dirs in stale.values():
+        dirs.sort(reverse=True)
+        for index, (_, entry) in enumerate(dirs):
+            if index >= keep:
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+            release(entry)
+    return removed
+
+
+def _mtime(run_dir: Path) -> float:
+    times = [p.stat().st_mtime for p in (run_dir, run_dir / "console.log") if p.exists()]
+    return max(times, default=0.0)
+
+
+def qemu_pids(run_dir: Path) -> list[int]:
+    """Live QEMU processes started for ``run_dir``."""
+    return [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/cmdline")
+            if _pid_is_qemu(int(p.parent.name), run_dir)]
+
+
 def plan(settings: Settings, kernel: Kernel, image: Image, run_dir: Path,
          accel: qemu.Accel | None = None) -> BootPlan:
     arch = qemu.ARCHES[settings.arch]
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not claim(run_dir):
+        raise errors.RunDirBusy(path=run_dir)
     key_path, pubkey = ensure_keypair(settings.sub("ssh"))
     if accel is None:
         accel = qemu.choose_accel(arch, settings.accel, settings.sub("accel"),
@@ -96,25 +196,26 @@ class Guest:
     @classmethod
     def boot(cls, plan: BootPlan, *, detach: bool = False) -> "Guest":
         runner.echo(f"  accelerator: {plan.spec.accel.name} ({plan.spec.accel.reason})")
-        guest = cls._start(plan, detach)
-        try:
-            guest._wait_ready()
-        except errors.KvmHang as exc:
-            guest.stop()
-            detail = _tail_file(plan.run_dir / 'qemu.log') or str(exc)
-            runner.echo(f"  KVM guest died or printed nothing ({detail}); falling back to TCG "
-                        "(remembered until the host reboots)")
-            if plan.accel_cache is not None:
-                qemu.remember_kvm_failure(plan.spec.arch, plan.accel_cache, plan.probe_timeout, detail)
-            tcg = qemu.Accel("tcg", "the KVM guest did not start the kernel; using TCG",
-                             qemu.TCG_FACTOR)
-            plan = replace(plan, spec=replace(plan.spec, accel=tcg),
-                           boot_timeout=plan.boot_timeout / plan.spec.accel.timeout_factor * tcg.timeout_factor)
-            return cls.boot(plan, detach=detach)
-        except BaseException:
-            guest.stop()
-            raise
-        return guest
+        for attempt in range(1, PORT_TRIES + 1):
+            guest = cls._start(plan, detach)
+            try:
+                guest._wait_ready()
+                return guest
+            except errors.KvmHang as exc:
+                guest.stop()
+                return cls.boot(_after_kvm_hang(plan, exc), detach=detach)
+            except errors.SSHPortTaken:
+                guest.stop()
+                if attempt == PORT_TRIES:
+                    raise
+                port = qemu.free_port()
+                runner.echo(f"  QEMU could not bind SSH port {plan.spec.ssh_port} (another process took "
+                            f"it meanwhile); retrying with port {port} ({attempt + 1}/{PORT_TRIES})")
+                plan = replace(plan, spec=replace(plan.spec, ssh_port=port))
+            except BaseException:
+                guest.stop()
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
     @classmethod
     def _start(cls, plan: BootPlan, detach: bool) -> "Guest":
@@ -136,6 +237,12 @@ class Guest:
         if self.proc is not None:
             return self.proc.poll() is None
         return _pid_is_qemu(self.pid, self.plan.run_dir)
+
+    def _check_port(self) -> None:
+        """QEMU exited because the SSH port was taken: raise :class:`SSHPortTaken`."""
+        if not self._alive() and BIND_FAILED in _tail_file(self.plan.run_dir / "qemu.log"):
+            raise errors.SSHPortTaken(port=self.plan.spec.ssh_port,
+                                      qemu_log=self.plan.run_dir / "qemu.log")
 
     def _console_problem(self, lines: list[str]) -> str | None:
         for line in lines:
@@ -166,6 +273,7 @@ class Guest:
                 if kvm and not seen_output and time.monotonic() - start > KVM_FIRST_OUTPUT:
                     raise errors.KvmHang(seconds=KVM_FIRST_OUTPUT)
             else:
+                self._check_port()
                 if kvm and not seen_output:
                     raise errors.KvmHang(seconds=time.monotonic() - start)
                 self._fail(f"QEMU exited during boot ({_tail_file(self.plan.run_dir / 'qemu.log')})",
@@ -237,8 +345,18 @@ class Guest:
             time.sleep(0.2)
         self.stop()
         fresh = Guest.boot(self.plan, detach=self.detached)
+        self.plan = fresh.plan      # the boot may have changed the port or the accelerator
         self.pid, self.proc, self.conn = fresh.pid, fresh.proc, fresh.conn
         self.boot_seconds = fresh.boot_seconds
+
+    # --- who uses it ------------------------------------------------------
+    def claim(self) -> bool:
+        """Take the run dir's lock (see :func:`claim`): False if another harness process uses
+        this guest."""
+        return claim(self.plan.run_dir)
+
+    def release(self) -> None:
+        release(self.plan.run_dir)
 
     # --- commands --------------------------------------------------------
     def run(self, cmd, **kwargs):
@@ -251,6 +369,21 @@ class Guest:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2))
         tmp.replace(path)
+
+
+def claim_idle(guests: list[Guest], kernel: Kernel, image: Image) -> Guest | None:
+    """The first of ``guests`` (detached ones, see :func:`attach`) running ``kernel`` on
+    ``image`` that no other harness process uses, now claimed by this one.  An idle guest
+    of the same variant running another build is stopped on the way (it would only hold
+    memory: nobody can reuse it)."""
+    for found in guests:
+        if found.plan.kernel_label != kernel.label or not found.claim():
+            continue
+        if found.plan.spec.kernel == kernel.bzimage and found.plan.spec.root.path == image.path:
+            return found
+        found.stop()
+        found.release()
+    return None
 
 
 def plan_to_dict(plan: BootPlan) -> dict:
@@ -287,22 +420,42 @@ def attach(run_dir: Path) -> Guest:
         pid = int(state["pid"])
     except (OSError, ValueError, KeyError, TypeError):
         raise errors.GuestNotRunning(reason=f"no usable state in {path}") from None
-    if not _pid_is_qemu(pid, run_dir):
+    if not _pid_is_qemu(pid, run_dir, exec_wait=1.0):
         path.unlink(missing_ok=True)
         raise errors.GuestNotRunning(reason=f"QEMU pid {pid} from {path} has exited")
     return Guest(plan, pid, None, detached=True)
 
 
-def _pid_is_qemu(pid: int, run_dir: Path) -> bool:
-    """True if ``pid`` is a live QEMU started for ``run_dir`` (not a recycled pid)."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    if stat.rsplit(")", 1)[-1].split()[0] == "Z":
-        return False
-    return "qemu-system" in cmdline and str(run_dir) in cmdline
+def _pid_is_qemu(pid: int, run_dir: Path, *, exec_wait: float = 0.0) -> bool:
+    """True if ``pid`` is a live QEMU started for ``run_dir`` (not a recycled pid).
+    ``exec_wait``: seconds to allow a process without a command line yet (just forked by
+    another harness run, exec not done) to become one."""
+    deadline = time.monotonic() + exec_wait
+    while True:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        if stat.rsplit(")", 1)[-1].split()[0] == "Z":
+            return False
+        if cmdline or time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    return "qemu-system" in cmdline and f"{run_dir}/" in cmdline
+
+
+def _after_kvm_hang(plan: BootPlan, exc: errors.KvmHang) -> BootPlan:
+    """The same plan under TCG, after a KVM guest died or printed nothing (remembered
+    until the host reboots, see :func:`qemu.remember_kvm_failure`)."""
+    detail = _tail_file(plan.run_dir / "qemu.log") or str(exc)
+    runner.echo(f"  KVM guest died or printed nothing ({detail}); falling back to TCG "
+                "(remembered until the host reboots)")
+    if plan.accel_cache is not None:
+        qemu.remember_kvm_failure(plan.spec.arch, plan.accel_cache, plan.probe_timeout, detail)
+    tcg = qemu.Accel("tcg", "the KVM guest did not start the kernel; using TCG", qemu.TCG_FACTOR)
+    return replace(plan, spec=replace(plan.spec, accel=tcg),
+                   boot_timeout=plan.boot_timeout / plan.spec.accel.timeout_factor * tcg.timeout_factor)
 
 
 def _tail_file(path: Path) -> str:
