@@ -8,6 +8,13 @@ A build lives in ``<cache>/builds/<label>-<version>-<key>/``:
 
 ``key`` hashes the tree, the series and the config fragments, so unchanged
 inputs never rebuild, and baseline and patched kernels never share a dir.
+
+Two harness runs may build at once: ``builds/<dirname>.lock`` (flock) is held
+around "reuse or build", so a second build of the same key waits for the first
+and then reuses its result.  ``out/build.json`` is written last; a dir without
+it is a killed or failed build, which the next build (holding the lock) stops
+the leftover processes of and removes before starting again.  Long-running
+children (make) get ``PR_SET_PDEATHSIG``, so they die with the harness.
 ``src`` and ``obj`` sit side by side in every build, so with ccache's
 ``base_dir`` the compiler command lines are identical across builds and a
 series prefix that only touches overlayfs recompiles only overlayfs.
@@ -15,14 +22,18 @@ series prefix that only touches overlayfs recompiles only overlayfs.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
 import shutil
+import signal
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from vm import errors, runner
 from vm.kernel import kconfig
@@ -114,13 +125,114 @@ def default_toolchain(cache_root: Path, jobs: int = 0, use_ccache: bool = True) 
 
 
 def existing(build_dir: Path) -> Kernel | None:
+    """The finished build in ``build_dir``, or None.  Only ``out/build.json`` (written
+    last, atomically) makes a build finished, and its artifacts must be in ``out/``."""
     stamp = build_dir / "out" / "build.json"
     if not stamp.is_file():
         return None
-    kernel = Kernel.load(stamp)
-    if kernel.bzimage.is_file() and kernel.modules_img.is_file():
+    try:
+        kernel = Kernel.load(stamp)
+    except (OSError, ValueError, TypeError):
+        return None
+    out = (build_dir / "out").resolve()
+    if all(p.is_file() and p.resolve().parent == out for p in (kernel.bzimage, kernel.modules_img)):
         return kernel
     return None
+
+
+# --- running next to another harness run, and after a killed one -----------------------
+
+@contextlib.contextmanager
+def exclusive(lock: Path, waiting: str) -> Iterator[None]:
+    """Hold an flock on ``lock`` (created if needed); print ``waiting`` if another
+    process holds it, then wait.  The lock goes with the process, also on SIGKILL."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            runner.echo(f"  {waiting} (lock {lock}) ...")
+            start = time.monotonic()
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            runner.echo(f"  ... got {lock.name} after {time.monotonic() - start:.0f}s")
+        yield
+
+
+def die_with_harness(argv: Sequence[str | os.PathLike]) -> list[str]:
+    """``argv`` run under ``setpriv --pdeathsig KILL``: the command gets SIGKILL when the
+    harness dies (even by SIGKILL), instead of writing on into a dir nobody owns."""
+    argv = [os.fspath(a) for a in argv]
+    return ["setpriv", "--pdeathsig", "KILL", "--", *argv] if shutil.which("setpriv") else argv
+
+
+def _ancestors() -> set[int]:
+    pids, pid = set(), os.getpid()
+    while pid > 1 and pid not in pids:
+        pids.add(pid)
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return pids
+
+
+def users_of(path: Path) -> list[int]:
+    """Pids of processes working in ``path`` (this process and its ancestors aside): the
+    path on their command line (make O=..., mke2fs -d ...), or their cwd in it unless they
+    lead a session (a user's shell sitting there is left alone)."""
+    inside, mine = str(path) + "/", _ancestors()
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            args = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            cwd = os.readlink(proc / "cwd") + "/"
+            session = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[3])
+        except (OSError, ValueError, IndexError):
+            continue
+        pid = int(proc.name)
+        named = any(a == str(path) or inside in a + "/" for a in args)
+        if pid not in mine and (named or (cwd.startswith(inside) and session != pid)):
+            found.append(pid)
+    return found
+
+
+def remove_leftovers(path: Path, what: str) -> None:
+    """Stop what a killed run left working in ``path`` and remove it.  The caller holds
+    the lock of ``path``, so nothing alive has the right to be there."""
+    for _ in range(50):
+        pids = users_of(path)
+        if not pids:
+            break
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
+    runner.echo(f"  removing {what} {path} (left by a killed or failed run; nothing in it is reused)")
+    unmount_under(path)
+    trash = Path(tempfile.mkdtemp(prefix=".trash-", dir=path.parent))
+    os.rename(path, trash / path.name)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def mounts_under(path: Path) -> list[str]:
+    inside = str(path) + "/"
+    found = []
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            point = line.split()[4].encode().decode("unicode_escape")
+            if (point + "/").startswith(inside):
+                found.append(point)
+    return found
+
+
+def unmount_under(path: Path) -> None:
+    """Lazily unmount what a killed chroot tool (mmdebstrap) left mounted in ``path``; raise
+    if anything stays, so that no removal ever walks into a mounted /proc, /sys or /dev."""
+    for point in sorted(mounts_under(path), key=len, reverse=True):
+        runner.run(["umount", "-l", point], check=False)
+    if left := mounts_under(path):
+        raise errors.CacheUnusable(path=path, reason=f"still mounted inside: {', '.join(left[:3])}",
+                                   fix=f"unmount them (umount -l) and remove {path}")
 
 
 class Progress:
@@ -150,7 +262,8 @@ def error_lines(log: Path, limit: int = 25) -> list[str]:
 
 def _make(src: Path, obj: Path, targets: Sequence[str], tc: Toolchain, log: Path,
           label: str, extra: Sequence[str] = ()) -> None:
-    rc = runner.run_logged(["make", "-C", src, f"O={obj}", *tc.make_args(), *extra, *targets],
+    rc = runner.run_logged(die_with_harness(["make", "-C", src, f"O={obj}", *tc.make_args(), *extra,
+                                             *targets]),
                            log, env=tc.env(), show=Progress(label))
     if rc != 0:
         for line in error_lines(log):
@@ -212,11 +325,24 @@ def write_stamp(kernel: Kernel) -> None:
 
 
 def build(inputs: BuildInputs, builds_root: Path, tc: Toolchain) -> Kernel:
-    """Build (or reuse) the kernel for ``inputs``."""
+    """Build (or reuse) the kernel for ``inputs``; one build per key at a time."""
     build_dir = builds_root / inputs.dirname()
     if (done := existing(build_dir)) is not None:
         runner.echo(f"  {inputs.label}: up to date in {build_dir} (nothing rebuilt)")
         return done
+    with exclusive(builds_root / f"{inputs.dirname()}.lock",
+                   f"{inputs.label}: another harness run is building {build_dir}; waiting for it"):
+        if (done := existing(build_dir)) is not None:
+            runner.echo(f"  {inputs.label}: built by the other run in {build_dir} (reused)")
+            return done
+        if build_dir.exists():
+            remove_leftovers(build_dir, "the unfinished build")
+        for trash in builds_root.glob(f".trash-*/{inputs.dirname()}"):
+            shutil.rmtree(trash.parent, ignore_errors=True)
+        return _build_locked(inputs, build_dir, tc)
+
+
+def _build_locked(inputs: BuildInputs, build_dir: Path, tc: Toolchain) -> Kernel:
     start = time.monotonic()
     src, obj, out = build_dir / "src", build_dir / "obj", build_dir / "out"
     log = build_dir / "build.log"

@@ -5,6 +5,13 @@ here), post-processed on the host, and packed with ``mke2fs -d`` so no loop
 mount and no root-owned mount point are needed.  The result is cached under a
 key of everything that goes into it; ``SOURCE_DATE_EPOCH`` and fixed
 filesystem UUIDs keep rebuilds reproducible.
+
+``images/<key>.lock`` (flock) is held around "reuse or build", so a second
+harness run waits for the first and reuses its image.  The image is built in
+``images/.tmp-<key>-*`` and renamed to ``images/<key>/`` when complete;
+mmdebstrap runs in its own mount and pid namespaces and dies with the
+harness, so a killed build leaves no process and no mount behind, only a temp
+dir that the next build of that key removes.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vm import errors, runner
+from vm.kernel.build import die_with_harness, exclusive, remove_leftovers
 
 GUESTFS = Path(__file__).parent / "guestfs"
 
@@ -103,40 +111,60 @@ def customize(root: Path) -> None:
 
 
 def build_image(spec: ImageSpec, images_root: Path) -> Image:
+    """Build (or reuse) the image for ``spec``; one build per key at a time."""
     key = spec.key()
-    final = images_root / key
-    image = final / "rootfs.ext4"
+    image = images_root / key / "rootfs.ext4"
     if image.is_file():
         runner.echo(f"  guest image: up to date ({image})")
         return Image(image, key)
     runner.require("mmdebstrap", "mmdebstrap")
     runner.require("mke2fs", "e2fsprogs")
-    images_root.mkdir(parents=True, exist_ok=True)
-    for stale in images_root.glob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=images_root))
-    try:
-        root = tmp / "root"
-        env = {"SOURCE_DATE_EPOCH": str(spec.epoch)}
-        with runner.phase(f"guest image: mmdebstrap {spec.suite} ({len(spec.packages)} packages)"):
-            runner.run(["mmdebstrap", "--variant=minbase", "--mode=root", "--quiet",
-                        f"--include={','.join(spec.packages)}",
-                        "--dpkgopt=path-exclude=/usr/share/{doc,man,locale,info}/*",
-                        spec.suite, root, spec.sources], env=env, capture=False,
-                       fix="check the host's apt sources and network access to its mirror")
-        with runner.phase("guest image: customize + mke2fs"):
-            customize(root)
-            size_mb = int(_du_mb(root) * 1.4) + 256
-            fs_uuid = str(uuid.UUID(hex=hashlib.sha256(key.encode()).hexdigest()[:32]))
-            runner.run(["mke2fs", "-q", "-F", "-t", "ext4", "-L", "ovlroot", "-U", fs_uuid,
-                        "-E", f"root_owner=0:0,hash_seed={fs_uuid}", "-d", root,
-                        tmp / "rootfs.ext4", f"{size_mb}M"], env={"E2FSPROGS_FAKE_TIME": str(spec.epoch)})
-        shutil.rmtree(root)
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with exclusive(images_root / f"{key}.lock",
+                   f"guest image: another harness run is building {images_root / key}; waiting for it"):
+        if image.is_file():
+            runner.echo(f"  guest image: built by the other run ({image}, reused)")
+            return Image(image, key)
+        for stale in images_root.glob(f".tmp-{key}-*"):
+            remove_leftovers(stale, "the unfinished guest image build")
+        if (images_root / key).exists():      # a final dir without its image: never trusted
+            remove_leftovers(images_root / key, "the incomplete guest image")
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=images_root))
+        try:
+            _make_image(spec, key, tmp)
+            os.rename(tmp, images_root / key)
+        except BaseException:
+            remove_leftovers(tmp, "the failed guest image build")
+            raise
     return Image(image, key)
+
+
+def mmdebstrap_argv(spec: ImageSpec, root: Path) -> list[str]:
+    """mmdebstrap in new mount and pid namespaces (``unshare --kill-child``), under
+    ``--pdeathsig``: if the harness dies, the namespace's init dies, the kernel kills
+    everything in it (apt, dpkg) and the chroot's /proc, /sys and /dev mounts go with it."""
+    return die_with_harness([
+        "unshare", "--mount", "--propagation", "private", "--pid", "--fork", "--kill-child",
+        "mmdebstrap", "--variant=minbase", "--mode=root", "--quiet",
+        f"--include={','.join(spec.packages)}",
+        "--dpkgopt=path-exclude=/usr/share/{doc,man,locale,info}/*",
+        spec.suite, root, spec.sources])
+
+
+def _make_image(spec: ImageSpec, key: str, tmp: Path) -> None:
+    root = tmp / "root"
+    env = {"SOURCE_DATE_EPOCH": str(spec.epoch)}
+    with runner.phase(f"guest image: mmdebstrap {spec.suite} ({len(spec.packages)} packages)"):
+        runner.run(mmdebstrap_argv(spec, root), env=env, capture=False,
+                   fix="check the host's apt sources and network access to its mirror")
+    with runner.phase("guest image: customize + mke2fs"):
+        customize(root)
+        size_mb = int(_du_mb(root) * 1.4) + 256
+        fs_uuid = str(uuid.UUID(hex=hashlib.sha256(key.encode()).hexdigest()[:32]))
+        runner.run(die_with_harness(["mke2fs", "-q", "-F", "-t", "ext4", "-L", "ovlroot", "-U", fs_uuid,
+                                     "-E", f"root_owner=0:0,hash_seed={fs_uuid}", "-d", root,
+                                     tmp / "rootfs.ext4", f"{size_mb}M"]),
+                   env={"E2FSPROGS_FAKE_TIME": str(spec.epoch)})
+    shutil.rmtree(root)
 
 
 def _du_mb(root: Path) -> float:
