@@ -13,6 +13,7 @@ PKGS=(
 	rsync xz-utils zstd python3-venv
 	qemu-system-x86 qemu-utils mmdebstrap e2fsprogs xfsprogs
 	openssh-client openssh-server
+	gpgv debian-archive-keyring gpg gpg-agent
 )
 # The offline kernel trees (Debian's linux-source-X.Y packages), one per series
 # base in patches/<base>/ (ovl.base: 6.12 by default, 6.1 for the LTS backport);

@@ -212,6 +212,24 @@ class CacheUnusable(InfraError):
     message = "cache dir {path} is unusable ({reason}); fix: {fix}"
 
 
+class ArchiveSignatureInvalid(UserError):
+    """A Debian suite's InRelease is not signed by a key of the keyring (or altered)."""
+
+    message = "InRelease of {suite} ({url}) is not signed by a key in {keyring} ({reason}); fix: {fix}"
+
+
+class ArchiveChecksumMismatch(ChecksumMismatch):
+    """A file of the Debian archive chain does not match what its signed parent lists."""
+
+    message = ("{name} from {url} has sha256 {actual} and {size} bytes, {listed_in} lists {expected} "
+               "and {listed_size} bytes; fix: the mirror is corrupt, tampered with or mid-update "
+               "(nothing was kept), retry later or use another mirror")
+
+
+class ArchiveInconsistent(UserError):
+    message = "Debian archive {mirror} suite {suite}: {what}; fix: {fix}"
+
+
 # --- console ---------------------------------------------------------------
 
 class ConsoleTimeout(InfraError):

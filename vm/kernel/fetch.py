@@ -1,11 +1,13 @@
 """Get a pristine kernel source tree for a base, cached and reused.
 
-Sources (see :meth:`SourceSpec.parse`): Debian's ``linux-source-X.Y`` package,
-a kernel.org release, a local or remote tarball, a git ref, or a tree used in
-place.  Downloads land in ``<cache>/downloads/`` only after their sha256
-verifies; extracted trees appear in ``<cache>/trees/<key>/`` only by an atomic
-rename of a temp dir, so an interrupted fetch never leaves a tree a later run
-trusts.  A lock file serialises fetches sharing a cache.
+Sources (see :meth:`SourceSpec.parse`): Debian's installed ``linux-source-X.Y``
+package, one package's ``.deb`` from a Debian archive suite (verified by the
+archive's signed chain, see :mod:`vm.kernel.debarchive`), a kernel.org release,
+a local or remote tarball, a git ref, or a tree used in place.  Downloads land
+in ``<cache>/downloads/`` only after their sha256 verifies; extracted trees
+appear in ``<cache>/trees/<key>/`` only by an atomic rename of a temp dir, so
+an interrupted fetch never leaves a tree a later run trusts.  A lock file
+serialises fetches sharing a cache.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import lzma
 import os
 import re
@@ -29,12 +32,14 @@ from typing import Callable, Iterator
 import requests
 
 from vm import errors
+from vm.kernel import debarchive
 from vm.runner import echo, run, tail
 
 KERNELORG_MIRROR = "https://cdn.kernel.org/pub/linux/kernel"
 TARBALL_EXTS = (".tar.xz", ".tar.gz", ".tar.bz2", ".tgz")
 DEBIAN_EXTS = (".tar.xz", ".tar.bz2", ".tar.gz")
-SPEC_FORMS = ("debian[:X.Y], kernel.org:X.Y.Z, tarball:PATH_OR_URL[#sha256=HEX], "
+SPEC_FORMS = ("debian[:X.Y], debian-archive:SUITE/PACKAGE[=VERSION], kernel.org:X.Y.Z, "
+              "tarball:PATH_OR_URL[#sha256=HEX], "
               "git:URL[@REF], tree:DIR, or a bare tarball path/URL, .git URL or directory")
 TIMEOUT = (15, 60)  # requests (connect, read) seconds
 CHUNK = 1 << 20
@@ -46,6 +51,9 @@ _SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 _COMMIT_RE = re.compile(r"^[0-9a-fA-F]{7,40}$")
 _FULL_COMMIT_RE = re.compile(r"^[0-9a-fA-F]{40}$")
 _SUMS_LINE_RE = re.compile(r"^([0-9a-fA-F]{64})\s+\*?(\S+)\s*$")
+_ARCHIVE_SPEC_RE = re.compile(
+    r"^([a-z0-9][a-z0-9.+-]*)/([a-z0-9][a-z0-9.+-]+)(?:=([0-9][A-Za-z0-9.+~:-]*))?$")
+_RECORD_KEYS = ("version", "filename", "tarball", "sha256")
 _MAKEFILE_VAR_RE = re.compile(r"^(VERSION|PATCHLEVEL|SUBLEVEL|EXTRAVERSION)\s*=[ \t]*(.*?)\s*$",
                               re.MULTILINE)
 
@@ -63,9 +71,9 @@ class Tree:
 
 @dataclass(frozen=True)
 class SourceSpec:
-    kind: str        # "debian" | "kernelorg" | "tarball" | "git" | "tree"
-    value: str
-    ref: str | None = None
+    kind: str        # "debian" | "debian-archive" | "kernelorg" | "tarball" | "git" | "tree"
+    value: str       # debian-archive: "SUITE/PACKAGE"
+    ref: str | None = None  # git: the ref; debian-archive: the pinned package version
     sha256: str | None = None
 
     @classmethod
@@ -75,6 +83,8 @@ class SourceSpec:
         prefix, sep, rest = text.partition(":")
         if prefix == "debian":
             return cls("debian", _check_base(rest if sep else base, text))
+        if prefix == "debian-archive":
+            return _archive_spec(rest, text)
         if prefix in ("kernel.org", "kernelorg"):
             return cls("kernelorg", _check_release(rest, text))
         if prefix == "tarball" and sep:
@@ -108,6 +118,15 @@ def _check_release(value: str, text: str) -> str:
         raise errors.BadArgument(what=f"kernel source {text!r} needs a full release version",
                                  fix="write kernel.org:X.Y.Z (e.g. kernel.org:6.12.117)")
     return value
+
+
+def _archive_spec(value: str, text: str) -> SourceSpec:
+    m = _ARCHIVE_SPEC_RE.match(value)
+    if not m:
+        raise errors.BadArgument(what=f"kernel source {text!r} needs a suite and a package",
+                                 fix="write debian-archive:SUITE/PACKAGE[=VERSION] "
+                                     "(e.g. debian-archive:sid/linux-source-7.2)")
+    return SourceSpec("debian-archive", f"{m.group(1)}/{m.group(2)}", m.group(3))
 
 
 def _abspath(value: str) -> str:
@@ -175,7 +194,8 @@ def _bare_spec(text: str) -> SourceSpec:
 # --- entry point -------------------------------------------------------------
 
 def fetch(spec: SourceSpec, cache_dir: Path, *, kernelorg_mirror: str = KERNELORG_MIRROR,
-          debian_src_dir: Path = Path("/usr/src"), progress: bool = True) -> Tree:
+          debian_src_dir: Path = Path("/usr/src"), debian_mirror: str = debarchive.DEFAULT_MIRROR,
+          debian_keyring: Path = debarchive.DEFAULT_KEYRING, progress: bool = True) -> Tree:
     """Return a pristine kernel tree for ``spec``, reusing ``cache_dir`` when possible."""
     if spec.kind == "tree":
         return _fetch_tree(spec)
@@ -184,6 +204,9 @@ def fetch(spec: SourceSpec, cache_dir: Path, *, kernelorg_mirror: str = KERNELOR
         cache.clean_stale()
         if spec.kind == "debian":
             return _fetch_debian(cache, spec, Path(debian_src_dir), progress)
+        if spec.kind == "debian-archive":
+            archive = _Archive(cache, debian_mirror.rstrip("/"), Path(debian_keyring), progress)
+            return archive.fetch(spec)
         if spec.kind == "kernelorg":
             return _fetch_kernelorg(cache, spec, kernelorg_mirror.rstrip("/"), progress)
         if spec.kind == "tarball":
@@ -594,6 +617,196 @@ class Progress:
         if self.total:
             return f"{self.label}: {done / 1e6:.1f}/{self.total / 1e6:.1f} MB {100 * done // self.total}%"
         return f"{self.label}: {done / 1e6:.1f} MB"
+
+
+# --- one package of a Debian archive suite -----------------------------------
+
+@contextlib.contextmanager
+def _part_file(cache: Cache, suffix: str = "") -> Iterator[Path]:
+    """A fresh ``.part-*`` file in ``downloads/`` (removed on exit unless renamed away)."""
+    fd, name = tempfile.mkstemp(prefix=".part-", suffix=suffix, dir=cache.downloads)
+    os.close(fd)
+    try:
+        yield Path(name)
+    finally:
+        Path(name).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _part_download(cache: Cache, url: str, name: str, progress: bool) -> Iterator[tuple[Path, str]]:
+    """``url`` streamed into a ``.part-*`` file: (its path, its sha256); removed on exit."""
+    with _part_file(cache) as part:
+        yield part, _stream(url, part, name, progress)
+
+
+@dataclass(frozen=True)
+class _Archive:
+    """``debian-archive:SUITE/PACKAGE[=VERSION]`` from ``mirror``, trusted through ``keyring``:
+    InRelease (gpgv) -> Packages.xz (sha256, size) -> .deb (sha256, size) -> the
+    ``usr/src/PACKAGE.tar.*`` in it, extracted like any tarball.
+
+    What a fetch resolved is recorded in ``downloads/debarchive-<key>.json`` for the
+    spec as written and for the exact version, with the sha256 of the tarball kept in
+    ``downloads/``: a later fetch of the same spec is offline.  An unpinned spec keeps
+    the version its first fetch found; pin ``=VERSION`` to move to another one."""
+
+    cache: Cache
+    mirror: str
+    keyring: Path
+    progress: bool
+
+    def fetch(self, spec: SourceSpec) -> Tree:
+        suite, package = spec.value.split("/", 1)
+        hit = self._reuse(suite, package, spec.ref)
+        if hit is None:
+            entry = self._resolve(suite, package, spec.ref)
+            hit = self._reuse(suite, package, entry.version) or self._download(suite, entry)
+            self._record(suite, package, entry.version, hit[1])
+            self._record(suite, package, spec.ref, hit[1])
+        return hit[0]
+
+    # -- records of what was verified before --
+
+    def _record_path(self, suite: str, package: str, version: str | None) -> Path:
+        key = _sha_text(f"debian-archive\0{self.mirror}\0{suite}\0{package}\0{version or ''}")
+        return self.cache.downloads / f"debarchive-{key[:16]}.json"
+
+    def _record(self, suite: str, package: str, version: str | None, rec: dict[str, str]) -> None:
+        _write_atomic(self._record_path(suite, package, version), json.dumps(rec, sort_keys=True) + "\n")
+
+    def _read(self, suite: str, package: str, version: str | None) -> dict[str, str] | None:
+        try:
+            rec = json.loads(self._record_path(suite, package, version).read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(rec, dict) or not all(isinstance(rec.get(k), str) for k in _RECORD_KEYS):
+            return None
+        if not _SHA256_RE.match(rec["sha256"]) or "/" in rec["tarball"]:
+            return None
+        return rec
+
+    def _origin(self, suite: str, package: str, rec: dict[str, str]) -> str:
+        return f"debian-archive:{suite}/{package}={rec['version']} ({self.mirror}/{rec['filename']})"
+
+    def _reuse(self, suite: str, package: str,
+               version: str | None) -> tuple[Tree, dict[str, str]] | None:
+        """The tree a previous fetch verified for (suite, package, version), offline."""
+        rec = self._read(suite, package, version)
+        if rec is None:
+            return None
+        sha, origin = rec["sha256"], self._origin(suite, package, rec)
+        root = self.cache.lookup(sha[:16])
+        if root is not None:
+            echo(f"reusing cached tree {root} ({package} {rec['version']} from {suite})")
+            return _cached_tree(root, sha[:16], origin), rec
+        tarball = self.cache.download_path(rec["tarball"], sha)
+        if not tarball.is_file():
+            return None
+        try:
+            return _tree_from_tarball(self.cache, tarball, sha, origin, self.progress), rec
+        except errors.UserError:
+            tarball.unlink(missing_ok=True)
+            raise
+
+    # -- the chain: InRelease -> Packages -> .deb --
+
+    def _resolve(self, suite: str, package: str, pin: str | None) -> debarchive.Entry:
+        """The verified Packages stanza of ``package`` (version ``pin``, else the highest)."""
+        with tempfile.TemporaryDirectory(prefix="ovl-debarchive-") as work:
+            release = self._release(suite, Path(work))
+        listed = [p for p in debarchive.index_paths() if p in release.sha256]
+        if not listed:
+            raise errors.ArchiveInconsistent(
+                mirror=self.mirror, suite=suite,
+                what=f"its InRelease lists none of {', '.join(debarchive.index_paths())}",
+                fix="check the suite name and the mirror")
+        similar: list[str] = []
+        for path in listed:
+            text = self._index(release, path)
+            entries = debarchive.package_entries(text, package)
+            if entries:
+                return self._choose(suite, package, pin, entries)
+            similar += debarchive.similar_packages(text, package)
+        there = ", ".join(dict.fromkeys(similar)) or "no similar names"
+        raise errors.SourceNotFound(
+            what=f"package {package} in {suite} of {self.mirror} (there: {there})",
+            fix=f"check the package name and the suite (searched {', '.join(listed)})")
+
+    def _choose(self, suite: str, package: str, pin: str | None,
+                entries: list[debarchive.Entry]) -> debarchive.Entry:
+        entry = debarchive.choose(entries, pin)
+        if entry is None:
+            versions = ", ".join(sorted({e.version for e in entries}, key=debarchive.version_key))
+            raise errors.SourceNotFound(
+                what=f"version {pin} of {package} in {suite} of {self.mirror} (there: {versions})",
+                fix=f"pin one of those (debian-archive:{suite}/{package}=VERSION) or drop the pin")
+        echo(f"{package} {entry.version} in {suite}: {entry.filename} ({entry.size / 1e6:.1f} MB)")
+        return entry
+
+    def _release(self, suite: str, work: Path) -> debarchive.Release:
+        if not self.keyring.is_file():
+            raise errors.MissingTool(tool=f"keyring {self.keyring}", package="debian-archive-keyring")
+        url = f"{self.mirror}/dists/{suite}/InRelease"
+        try:
+            with _part_download(self.cache, url, "InRelease", False) as (part, _):
+                text, signers = debarchive.verify_inrelease(part, self.keyring, work, suite=suite, url=url)
+        except errors.SourceNotFound as exc:
+            raise errors.SourceNotFound(what=f"suite {suite} on {self.mirror} (no {url})",
+                                        fix="check the suite name (e.g. sid, trixie-backports) "
+                                            "and the mirror") from exc
+        echo(f"InRelease of {suite} verified: signed by {', '.join(signers)}")
+        return debarchive.parse_release(text, suite, url, signers)
+
+    def _index(self, release: debarchive.Release, path: str) -> str:
+        """The text of Packages index ``path``, its sha256 and size checked against InRelease."""
+        sha, size = release.sha256[path]
+        url = f"{self.mirror}/dists/{release.suite}/{path}"
+        urls = [f"{url.rsplit('/', 1)[0]}/by-hash/SHA256/{sha}", url] if release.by_hash else [url]
+        for i, candidate in enumerate(urls):
+            try:
+                with _part_download(self.cache, candidate, path, self.progress) as (part, got):
+                    self._check(path, candidate, part, got, sha, size, f"the InRelease of {release.suite}")
+                    data = part.read_bytes()
+                break
+            except errors.SourceNotFound:
+                if i == len(urls) - 1:
+                    raise
+        try:
+            return debarchive.decompress_index(data)
+        except ValueError as exc:
+            raise errors.ArchiveInconsistent(mirror=self.mirror, suite=release.suite,
+                                             what=f"{path} is unreadable: {exc}",
+                                             fix="report it to the mirror; nothing was kept") from exc
+
+    @staticmethod
+    def _check(name: str, url: str, part: Path, sha: str, expected: str, size: int,
+               listed_in: str) -> None:
+        actual_size = part.stat().st_size
+        if sha != expected or actual_size != size:
+            raise errors.ArchiveChecksumMismatch(name=name, url=url, actual=sha, size=actual_size,
+                                                 expected=expected, listed_size=size,
+                                                 listed_in=listed_in)
+
+    def _download(self, suite: str, entry: debarchive.Entry) -> tuple[Tree, dict[str, str]]:
+        """Download and verify the .deb, take its source tarball out, extract that."""
+        url = f"{self.mirror}/{entry.filename}"
+        name = _url_file_name(url)
+        with _part_download(self.cache, url, name, self.progress) as (deb, sha):
+            self._check(name, url, deb, sha, entry.sha256, entry.size, f"the Packages index of {suite}")
+            with _part_file(self.cache, suffix=f"-{entry.package}.tar") as part:
+                try:
+                    tarball, tsha = debarchive.extract_source_tarball(deb, entry.package, part)
+                except ValueError as exc:
+                    raise errors.ArchiveInconsistent(
+                        mirror=self.mirror, suite=suite, what=f"{name} holds no usable source: {exc}",
+                        fix="use a linux-source-X.Y package; nothing was kept") from exc
+                deb.unlink()
+                rec = {"version": entry.version, "filename": entry.filename, "tarball": tarball,
+                       "sha256": tsha, "deb_sha256": sha}
+                tree = _tree_from_tarball(self.cache, part, tsha, self._origin(suite, entry.package, rec),
+                                          self.progress)
+                os.rename(part, self.cache.download_path(tarball, tsha))
+        return tree, rec
 
 
 # --- extraction --------------------------------------------------------------
