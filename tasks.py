@@ -62,7 +62,8 @@ def setup(c):
     runner.run([str(ROOT / "setup.sh")], capture=False)
 
 
-@harness_task(help={"source": "debian | kernel.org:X.Y.Z | tarball:PATH|URL | git:URL@REF | tree:DIR"})
+@harness_task(help={"source": "debian | debian-archive:SUITE/PACKAGE[=VERSION] | kernel.org:X.Y.Z | "
+                              "tarball:PATH|URL | git:URL@REF | tree:DIR"})
 def fetch(c, source=None):
     """Fetch (or reuse) the pristine kernel tree."""
     pipeline.get_tree(settings_of(c), source)

@@ -40,6 +40,8 @@ class Settings:
     jobs: int = 0
     ccache: bool = True
     kernelorg_mirror: str = "https://cdn.kernel.org/pub/linux/kernel"
+    debian_mirror: str = "http://deb.debian.org/debian"
+    debian_keyring: Path = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
     arch: str = "x86_64"
     memory_mb: int = 2048
     cpus: int = 2
@@ -78,6 +80,7 @@ class Settings:
             self,
             project_root=root,
             cache_dir=Path(self.cache_dir).expanduser().resolve(),
+            debian_keyring=Path(self.debian_keyring).expanduser(),
             results_dir=results if results.is_absolute() else (root / results),
             fragments=tuple(self.fragments), bases=tuple(str(b) for b in self.bases) or (str(self.base),),
             image_packages=tuple(self.image_packages),
