@@ -50,7 +50,7 @@ class Variant:
 
 
 def get_tree(settings: Settings, source: str | None = None) -> fetch.Tree:
-    spec = fetch.SourceSpec.parse(source or settings.source, settings.base)
+    spec = fetch.SourceSpec.parse(source or settings.default_source, settings.base)
     with runner.phase(f"fetch {spec.kind}:{spec.value}"):
         tree = fetch.fetch(spec, settings.sub("sources"), kernelorg_mirror=settings.kernelorg_mirror,
                            debian_mirror=settings.debian_mirror, debian_keyring=settings.debian_keyring)

@@ -33,6 +33,8 @@ class Settings:
     base: str = "6.12"
     bases: tuple[str, ...] = ()
     source: str = "debian"
+    #: base -> its default source where plain "debian" (the installed linux-source-X.Y) cannot serve it
+    base_sources: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     cache_dir: Path = Path("~/.cache/ovl-volatile-harness")
     results_dir: Path = Path("results")
     fragments: tuple[str, ...] = ("base",)
@@ -88,6 +90,7 @@ class Settings:
             mutation_rows=tuple(self.mutation_rows),
             ci_rows_for=_rows_map(self.ci_rows_for, "ci_rows_for"),
             suites=_suite_paths(self.suites),
+            base_sources=MappingProxyType({str(k): str(v) for k, v in dict(self.base_sources or {}).items()}),
             ci_full_rows_for=_rows_map(self.ci_full_rows_for, "ci_full_rows_for"),
             jobs=int(self.jobs), memory_mb=int(self.memory_mb), cpus=int(self.cpus),
             kvm_probe_timeout=float(self.kvm_probe_timeout), boot_timeout=float(self.boot_timeout),
@@ -106,6 +109,11 @@ class Settings:
                 return [plain(v) for v in value]
             return value
         return {f.name: plain(getattr(self, f.name)) for f in fields(self)}
+
+    @property
+    def default_source(self) -> str:
+        """The source of ``base`` unless a task names one: ``ovl.base_sources[base]`` or ``ovl.source``."""
+        return self.base_sources.get(self.base, self.source)
 
     def with_base(self, base: str) -> "Settings":
         """The same settings for another kernel base (patches/<base>/ and its source)."""

@@ -77,3 +77,11 @@ def test_settings_from_invoke_yaml_and_overrides():
 def test_settings_reject_unknown_key():
     with pytest.raises(errors.BadArgument, match="unknown setting ovl.nope"):
         Settings.from_mapping({"nope": 1})
+
+
+def test_a_base_can_have_its_own_default_source():
+    s = Settings.from_mapping({"base": "6.12", "source": "debian",
+                               "base_sources": {"7.2": "debian-archive:sid/linux-source-7.2"}})
+    assert s.default_source == "debian"
+    assert s.with_base("7.2").default_source == "debian-archive:sid/linux-source-7.2"
+    assert Settings.from_mapping(s.to_dict()).base_sources == s.base_sources
