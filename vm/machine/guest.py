@@ -259,8 +259,13 @@ class Guest:
         kvm = self.plan.spec.accel.name == "kvm"
         seen_output = False
         lines: list[str] = []
+
+        def alive() -> bool:   # a KVM guest silent for KVM_FIRST_OUTPUT s counts as gone
+            silent = kvm and not seen_output and time.monotonic() - start > KVM_FIRST_OUTPUT
+            return self._alive() and not silent
+
         try:
-            for line in console.follow(self.plan.spec.console_log, deadline=deadline, alive=self._alive):
+            for line in console.follow(self.plan.spec.console_log, deadline=deadline, alive=alive):
                 lines.append(line)
                 seen_output = seen_output or bool(line.strip())
                 event = console.classify(line)
