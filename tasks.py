@@ -105,11 +105,7 @@ def boot(c, variant="patched", detach=False, debug=False, accel=None, source=Non
     s = settings_of(c, accel=accel, base=base)
     kernel = pipeline.build_kernel(s, pipeline.Variant.parse(variant, debug), pipeline.get_tree(s, source))
     img = pipeline.guest_image(s)
-    run_dir = pipeline.run_dir(s, kernel.label)
-    for old in pipeline.running_guests(s):
-        if old.plan.run_dir == run_dir:
-            old.stop()
-    g = pipeline.boot(s, kernel, img, run_dir, detach=detach)
+    g = pipeline.boot(s, kernel, img, pipeline.run_dir(s, kernel.label), detach=detach)
     try:
         res = g.run(["uname", "-r"], check=True)
         print(f"guest running {res.stdout.strip()} [{g.plan.spec.accel.name}]")
@@ -305,6 +301,8 @@ def ci(c, full=False):
         kernels = [(v, built[v]) if v in built else pipeline.build_variants(s, [pipeline.Variant.parse(v)])[0]
                    for v in variants]
         pipeline.scenarios(s, kernels, rows_for=rows_for).check()
+    with runner.phase("faults: killed builds and boots, two runs at once, hung guest commands (tests/faults)"):
+        pipeline.tests_without_kernels(s, "faults").check()
     with runner.phase("bisect a kernel history (tests/bisect)"):
         pipeline.tests_without_kernels(s, "bisect", markers="slow").check()
     if full:

@@ -26,6 +26,7 @@ class SuitePaths:
     expectations: str = "tests/scenarios/expectations.json"
     bases: str = "tests/scenarios/bases"                  # per-base differences, <base>.json
     bisect: str = "tests/bisect"
+    faults: str = "tests/faults"                          # killed harness runs, concurrent runs
 
 
 @dataclass(frozen=True)

@@ -202,8 +202,9 @@ class Guest:
                 guest._wait_ready()
                 return guest
             except errors.KvmHang as exc:
+                detail = _tail_file(plan.run_dir / "qemu.log")    # why it hung, before we stop it
                 guest.stop()
-                return cls.boot(_after_kvm_hang(plan, exc), detach=detach)
+                return cls.boot(_after_kvm_hang(plan, exc, detail), detach=detach)
             except errors.SSHPortTaken:
                 guest.stop()
                 if attempt == PORT_TRIES:
@@ -450,10 +451,10 @@ def _pid_is_qemu(pid: int, run_dir: Path, *, exec_wait: float = 0.0) -> bool:
     return "qemu-system" in cmdline and f"{run_dir}/" in cmdline
 
 
-def _after_kvm_hang(plan: BootPlan, exc: errors.KvmHang) -> BootPlan:
+def _after_kvm_hang(plan: BootPlan, exc: errors.KvmHang, qemu_log: str) -> BootPlan:
     """The same plan under TCG, after a KVM guest died or printed nothing (remembered
     until the host reboots, see :func:`qemu.remember_kvm_failure`)."""
-    detail = _tail_file(plan.run_dir / "qemu.log") or str(exc)
+    detail = str(exc) if qemu_log == "no output" else f"{exc}: {qemu_log}"
     runner.echo(f"  KVM guest died or printed nothing ({detail}); falling back to TCG "
                 "(remembered until the host reboots)")
     if plan.accel_cache is not None:
