@@ -2,14 +2,19 @@
 
 :class:`FakeConnection` stands in for :class:`vm.machine.ssh.GuestConnection`
 (same public API, scripted results): code that drives a guest is unit-tested
-against it without a VM.
+against it without a VM.  :func:`http_server` is a real HTTP server on
+127.0.0.1 for the fetch tests (kernel.org, tarballs, the Debian archive).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
-from typing import Callable, Mapping, Union
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable, Iterator, Mapping, Union
 
 from vm import errors
 from vm.machine.ssh import Cmd, CommandResult, _argv_of, render
@@ -113,3 +118,51 @@ class FakeConnection:
                                             fix="see the guest console log")
         self.open()
         return 0.0
+
+
+@dataclass
+class Server:
+    """What :func:`http_server` serves: ``files`` by path; paths in ``truncate`` send half
+    the body while advertising the full Content-Length; ``log`` lists the paths asked for."""
+
+    base: str = ""
+    files: dict[str, bytes] = field(default_factory=dict)
+    truncate: set[str] = field(default_factory=set)
+    log: list[str] = field(default_factory=list)
+
+    def count(self, path: str) -> int:
+        return self.log.count(path)
+
+
+@contextlib.contextmanager
+def http_server() -> Iterator[Server]:
+    """A real HTTP server on 127.0.0.1 (an ephemeral port) for as long as the block lasts."""
+    state = Server()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            state.log.append(self.path)
+            body = state.files.get(self.path)
+            if body is None:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            cut = self.path in state.truncate
+            self.wfile.write(body[: len(body) // 2] if cut else body)
+            self.wfile.flush()
+            self.close_connection = cut
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    state.base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        yield state
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

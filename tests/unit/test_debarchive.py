@@ -8,14 +8,13 @@ import hashlib
 import io
 import lzma
 import tarfile
-import threading
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
+from tests.fakes import Server, http_server
 from vm import errors
 from vm.kernel import debarchive
 from vm.kernel import fetch as fetch_mod
@@ -32,44 +31,10 @@ INDEX = "main/binary-all/Packages.xz"
 
 # --- a real HTTP server --------------------------------------------------------
 
-@dataclass
-class Server:
-    base: str = ""
-    files: dict[str, bytes] = field(default_factory=dict)
-    truncate: set[str] = field(default_factory=set)
-    log: list[str] = field(default_factory=list)
-
-
 @pytest.fixture
 def server() -> Iterator[Server]:
-    state = Server()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
-            state.log.append(self.path)
-            body = state.files.get(self.path)
-            if body is None:
-                self.send_error(404)
-                return
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            cut = self.path in state.truncate
-            self.wfile.write(body[: len(body) // 2] if cut else body)
-            self.close_connection = cut
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    state.base = f"http://127.0.0.1:{httpd.server_address[1]}"
-    try:
+    with http_server() as state:
         yield state
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
 
 
 # --- keys, packages and the archive ----------------------------------------------

@@ -6,14 +6,12 @@ import hashlib
 import io
 import os
 import tarfile
-import threading
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
 
+from tests.fakes import Server, http_server
 from vm import errors
 from vm.kernel import fetch as fetch_mod
 from vm.kernel.fetch import SourceSpec, Tree, fetch
@@ -75,54 +73,10 @@ def snapshot(root: Path) -> dict[str, tuple[int, int, bytes]]:
     return out
 
 
-@dataclass
-class Server:
-    """A real HTTP server on 127.0.0.1 serving ``files``; paths in ``truncate`` send half
-    the body while advertising the full Content-Length."""
-
-    base: str = ""
-    files: dict[str, bytes] = field(default_factory=dict)
-    truncate: set[str] = field(default_factory=set)
-    log: list[str] = field(default_factory=list)
-
-    def count(self, path: str) -> int:
-        return self.log.count(path)
-
-
 @pytest.fixture
 def server() -> Iterator[Server]:
-    state = Server()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
-            state.log.append(self.path)
-            body = state.files.get(self.path)
-            if body is None:
-                self.send_error(404)
-                return
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            if self.path in state.truncate:
-                self.wfile.write(body[: len(body) // 2])
-                self.wfile.flush()
-                self.close_connection = True
-                return
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    state.base = f"http://127.0.0.1:{httpd.server_address[1]}"
-    try:
+    with http_server() as state:
         yield state
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
 
 
 def publish_release(server: Server, tarball: Path, version: str = "6.12.1",
