@@ -63,10 +63,11 @@ def setup(c):
 
 
 @harness_task(help={"source": "debian | debian-archive:SUITE/PACKAGE[=VERSION] | kernel.org:X.Y.Z | "
-                              "tarball:PATH|URL | git:URL@REF | tree:DIR"})
-def fetch(c, source=None):
+                              "tarball:PATH|URL | git:URL@REF | tree:DIR (default: the base's)",
+                    "base": BASE_HELP})
+def fetch(c, source=None, base=None):
     """Fetch (or reuse) the pristine kernel tree."""
-    pipeline.get_tree(settings_of(c), source)
+    pipeline.get_tree(settings_of(c, base=base), source)
 
 
 @harness_task(help={"variants": "comma list of baseline, patched, prefix-N (default: baseline,patched)",
