@@ -107,11 +107,16 @@ def test_missing_cover_data_is_a_clear_error(tmp_path):
     assert "rebased (required)" in msg and "port_note (optional)" in msg
 
 
+#: the other required keys, for the cases about one key
+SITE_AND_LOCKING = 'instance_id_site = "sget_fc() publishes"\nincompat_check_locking = "none"\n'
+
+
 @pytest.mark.parametrize("cover, reason", [
-    ('port_note = "x"\n', "missing or empty keys rebased"),
-    ('rebased = ""\n', "missing or empty keys rebased"),
-    ('rebased = "x"\nrebase_note = "typo"\n', "unknown keys rebase_note"),
-    ('rebased = ["x"]\n', "keys that are not strings rebased"),
+    ('port_note = "x"\n' + SITE_AND_LOCKING, "missing or empty keys rebased"),
+    ('rebased = ""\n' + SITE_AND_LOCKING, "missing or empty keys rebased"),
+    ('rebased = "x"\nincompat_check_locking = "none"\n', "missing or empty keys instance_id_site"),
+    ('rebased = "x"\nrebase_note = "typo"\n' + SITE_AND_LOCKING, "unknown keys rebase_note"),
+    ('rebased = ["x"]\n' + SITE_AND_LOCKING, "keys that are not strings rebased"),
     ('rebased = """x\n', "not valid TOML"),
 ])
 def test_bad_cover_data_is_refused(tmp_path, cover, reason):
@@ -120,8 +125,10 @@ def test_bad_cover_data_is_refused(tmp_path, cover, reason):
 
 
 def test_port_note_is_optional(tmp_path):
-    text = _render(_series(tmp_path, cover='rebased = "something"\n'))
+    text = _render(_series(tmp_path, cover='rebased = "something"\n' + SITE_AND_LOCKING))
     assert "Rebased onto Linux 6.12.117: something\n" in text
+    assert "assigned under sb_lock where sget_fc() publishes;\n" in text
+    assert "no additional lock.  Locking:\nnone.\n" in text
     assert "builds on its own.\n\nChanges since v2" in text
 
 

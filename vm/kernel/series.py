@@ -19,7 +19,7 @@ COVER_NAME = "0000-cover-letter.patch"
 # Per-base prose of the cover letter, next to the series file (patches/<base>/).
 COVER_DATA = "cover.toml"
 # key -> required; every value is pre-wrapped text that the template inserts as is
-COVER_KEYS = {"rebased": True, "port_note": False}
+COVER_KEYS = {"rebased": True, "port_note": False, "instance_id_site": True, "incompat_check_locking": True}
 _TOTAL = re.compile(r"total: (\d+) errors, (\d+) warnings, (?:(\d+) checks, )?\d+ lines checked")
 
 
