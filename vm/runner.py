@@ -164,14 +164,26 @@ def _wait_group_gone(proc: subprocess.Popen, seconds: float) -> bool:
     return False
 
 
+def proc_stat(pid: int | str) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state, ppid, pgrp,
+    session, ...), or None if the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    fields = proc_stat(pid)
+    return fields is not None and fields[0] != "Z"
+
+
 def _group_alive(pgid: int) -> bool:
     """True while a process other than a zombie is in the group."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
+    for proc in Path("/proc").glob("[0-9]*"):
+        fields = proc_stat(proc.name)
+        if fields is not None and int(fields[2]) == pgid and fields[0] != "Z":
             return True
     return False
 

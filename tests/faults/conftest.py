@@ -25,6 +25,7 @@ from typing import Callable
 import pytest
 
 from vm.kernel.build import users_of
+from vm.runner import pid_alive
 from vm.settings import Settings, load
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -150,10 +151,9 @@ def qemus_under(path: Path) -> list[int]:
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if "qemu-system" in cmdline and f"{path}/" in cmdline and state != "Z":
+        if "qemu-system" in cmdline and f"{path}/" in cmdline and pid_alive(int(proc.name)):
             found.append(int(proc.name))
     return found
 

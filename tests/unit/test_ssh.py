@@ -17,6 +17,7 @@ import pytest
 from tests.fakes import FakeConnection
 from vm import errors
 from vm.machine.ssh import CommandResult, GuestConnection, ensure_keypair, render
+from vm.runner import pid_alive, proc_stat
 
 pytestmark = pytest.mark.unit
 
@@ -36,11 +37,10 @@ def _children() -> dict[int, list[int]]:
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
+        fields = proc_stat(entry)
+        if fields is None:
             continue
+        ppid = int(fields[1])
         tree.setdefault(ppid, []).append(int(entry))
     return tree
 
@@ -52,14 +52,6 @@ def _descendants(pid: int) -> list[int]:
             out.append(child)
             todo.append(child)
     return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 class SshdFactory:
@@ -130,15 +122,15 @@ class SshdFactory:
                 proc.kill()
                 proc.wait()
         deadline = time.monotonic() + 5
-        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.05)
         for pid in pids:
-            if _alive(pid):
+            if pid_alive(pid):
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-        left = [p for p in pids + [pr.pid for pr in procs] if _alive(p)]
+        left = [p for p in pids + [pr.pid for pr in procs] if pid_alive(p)]
         assert not left, f"sshd processes left running: {left}"
 
 

@@ -13,9 +13,10 @@ import time
 
 import pytest
 
+from tests.unit.test_ssh import conn, keys, sshd_factory, sshd_port  # noqa: F401  (fixtures)
 from vm import errors
 from vm.machine.ssh import TAG_VAR, kill_tagged, render, tagged
-from tests.unit.test_ssh import conn, keys, sshd_factory, sshd_port  # noqa: F401  (fixtures)
+from vm.runner import pid_alive
 
 pytestmark = pytest.mark.unit
 
@@ -55,14 +56,6 @@ def test_an_execd_command_keeps_the_shells_pid_and_sees_the_tag():
     assert out.split() == [str(proc.pid), "d00d"]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def test_kill_tagged_ends_the_command_and_what_it_started():
     tag = "feed" + os.urandom(4).hex()
     # a tree: the shell, a background sleep in a new session (escapes a process group kill)
@@ -70,21 +63,21 @@ def test_kill_tagged_ends_the_command_and_what_it_started():
     proc = _bash(tagged(snippet, tag, simple=False), start_new_session=True)
     child = int(proc.stdout.readline())
     try:
-        assert _alive(child) and proc.poll() is None
+        assert pid_alive(child) and proc.poll() is None
         other = subprocess.Popen(["sleep", "302"])          # not tagged: must survive
         done = subprocess.run(["sh", "-c", kill_tagged(tag)], capture_output=True, text=True, timeout=20)
         assert done.returncode == 0, done.stderr
         proc.wait(timeout=5)
         deadline = time.monotonic() + 5
-        while _alive(child) and time.monotonic() < deadline:
+        while pid_alive(child) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not _alive(child)
+        assert not pid_alive(child)
         assert other.poll() is None
         other.kill()
         other.wait()
     finally:
         for pid in (proc.pid, child):
-            if _alive(pid):
+            if pid_alive(pid):
                 os.kill(pid, 9)
 
 

@@ -169,10 +169,10 @@ def _ancestors() -> set[int]:
     pids, pid = set(), os.getpid()
     while pid > 1 and pid not in pids:
         pids.add(pid)
-        try:
-            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
+        fields = runner.proc_stat(pid)
+        if fields is None:
             break
+        pid = int(fields[1])
     return pids
 
 
@@ -186,9 +186,12 @@ def users_of(path: Path) -> list[int]:
         try:
             args = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
             cwd = os.readlink(proc / "cwd") + "/"
-            session = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[3])
-        except (OSError, ValueError, IndexError):
+        except OSError:
             continue
+        fields = runner.proc_stat(proc.name)
+        if fields is None:
+            continue
+        session = int(fields[3])
         pid = int(proc.name)
         named = any(a == str(path) or inside in a + "/" for a in args)
         if pid not in mine and (named or (cwd.startswith(inside) and session != pid)):

@@ -440,10 +440,9 @@ def _pid_is_qemu(pid: int, run_dir: Path, *, exec_wait: float = 0.0) -> bool:
     while True:
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-            stat = Path(f"/proc/{pid}/stat").read_text()
         except OSError:
             return False
-        if stat.rsplit(")", 1)[-1].split()[0] == "Z":
+        if not runner.pid_alive(pid):
             return False
         if cmdline or time.monotonic() >= deadline:
             break
