@@ -2,7 +2,7 @@
 a fresh upper filesystem on dm-flakey per scenario, and the result matrix.
 
 - ``row`` x ``fs`` come from ``expectations.json`` (rows in SCENARIOS.md
-  order, ``ext4`` and ``xfs``); ``variant`` is the session parameter of
+  order, then its extra rows; ``ext4`` and ``xfs``); ``variant`` is the session parameter of
   tests/conftest.py, so ids read ``test_row[volatile-to-volatile-xfs-patched]``.
 - ``env`` gives each scenario a fresh dm-flakey device over a scratch disk,
   a freshly made upper fs on it and the overlay dirs; it tears them down
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from vm import errors
 from vm.machine import console
 from vm.machine.flakey import ERROR_WRITES, NORMAL, Flakey
 from vm.suites import report, scenario
@@ -69,7 +70,7 @@ _CONFIG: list = []   # the session's config, for hooks that do not get it
 
 def pytest_configure(config):
     exp = load_expectations()
-    config.stash[MATRIX] = report.Matrix(exp.row_ids, exp.filesystems)
+    config.stash[MATRIX] = report.Matrix(exp.row_ids, exp.filesystems, extra=exp.extra_rows)
     _CONFIG[:] = [config]
 
 
@@ -178,7 +179,12 @@ class ScenarioEnv:
         scenario.new_upper(self.g, self.flakey.device, self.fs, self.dirs)
 
     def cleanup(self) -> None:
+        # Flakey.remove resumes the device, then unmounts every overlay whose dirs
+        # are on it (a second one at dirs.second_target too), the fs, and removes
+        # it; the sweep then makes sure none of the suite's mountpoints is left
+        # mounted, so the next scenario starts clean.
         self.flakey.remove()
+        scenario.umount_all(self.g, self.dirs)
 
     # -- a checked step ---------------------------------------------------
     def step(self, run: scenario.RowRun, name: str, action) -> scenario.Outcome:
@@ -191,6 +197,12 @@ class ScenarioEnv:
     def mount(self, run: scenario.RowRun, name: str, *, volatile: bool) -> scenario.Outcome:
         __tracebackhide__ = True
         return self.step(run, name, lambda: scenario.mount_overlay(self.g, self.dirs, volatile=volatile))
+
+    def mount_second(self, run: scenario.RowRun, name: str, *, volatile: bool) -> scenario.Outcome:
+        """Mount the same dirs again at ``dirs.second_target`` (the first overlay still mounted)."""
+        __tracebackhide__ = True
+        return self.step(run, name, lambda: scenario.mount_overlay(
+            self.g, self.dirs, volatile=volatile, target=self.dirs.second_target))
 
     # -- setup steps that must work ---------------------------------------
     def must(self, what: str, outcome: scenario.Outcome) -> None:
@@ -234,6 +246,20 @@ class ScenarioEnv:
         if not scenario.exists(self.g, f"{self.dirs.volatile_dir}/dirty"):
             raise AssertionError(f"{self.label}: after the reboot the upper fs has no "
                                  "work/incompat/volatile/dirty: the disk was not kept")
+
+    def change_work_dir(self) -> None:
+        """chmod 0755 workdir/work and give it a default and an access POSIX ACL, as
+        something might between two mounts; a harness error if that did not take
+        (e.g. an upper fs without ACLs), so a reset check can never pass vacuously."""
+        path = self.dirs.work_dir
+        try:
+            scenario.change_dir_like_a_user(self.g, path)
+            mode, acls = scenario.mode_of(self.g, path), scenario.acls_of(self.g, path)
+        except errors.GuestCommandFailed as exc:
+            raise AssertionError(f"{self.label}: harness error: changing {path} failed: {exc}") from exc
+        if mode != "755" or len(acls) != len(scenario.ACL_XATTRS):
+            raise AssertionError(f"{self.label}: harness error: after chmod 0755 and setfattr of both ACLs "
+                                 f"{path} has mode {mode} and ACL xattrs {acls or 'none'}")
 
     def inject_writeback_error(self, run: scenario.RowRun, name: str = "victim") -> str:
         """A data-only writeback error on the upper fs, as SCENARIOS.md describes.
@@ -288,7 +314,14 @@ class ScenarioEnv:
                 return "no files were written to compare (harness bug)"
             return f"files not intact: {', '.join(bad)}" if bad else None
 
-        return {"dirty": dirty, "checkpoint": checkpoint, "files": files}
+        return {"dirty": dirty, "checkpoint": checkpoint, "files": files, "work-reset": self.work_reset}
+
+    def work_reset(self) -> str | None:
+        """Check: workdir/work is as overlayfs makes a new one (mode 000, no POSIX ACL)."""
+        path = self.dirs.work_dir
+        mode, acls = scenario.mode_of(self.g, path), scenario.acls_of(self.g, path)
+        wrong = ([f"mode {mode}, not 0"] if mode != "0" else []) + [f"{name} is still set" for name in acls]
+        return f"{path} was not reset: {', '.join(wrong)}" if wrong else None
 
 
 def _scratch_disk(guest) -> str:

@@ -1,4 +1,5 @@
-"""Every row of SCENARIOS.md, on ext4 and xfs, on each kernel variant.
+"""Every row of SCENARIOS.md, and the extra rows of expectations.json (review
+findings of the series beyond SCENARIOS.md), on ext4 and xfs, on each kernel variant.
 
 A row's steps are written once below; what each checked step must return
 (and which kernel log line must explain a failure) comes from
@@ -117,6 +118,23 @@ def chained_reuse(env, run: RowRun) -> None:
             return
 
 
+# --- rows beyond SCENARIOS.md (expectations.json "extra_rows": each says why) ------------
+
+def workdir_in_use(env, run: RowRun) -> None:
+    env.mount(run, "mount volatile", volatile=True)
+    env.write_files("v1")
+    # the first overlay stays mounted: its files must still read back afterwards
+    env.mount_second(run, "mount volatile on second target", volatile=True)
+
+
+def work_reset(env, run: RowRun) -> None:
+    env.mount(run, "mount volatile", volatile=True)
+    env.write_files("v1")
+    env.umount_overlay()
+    env.change_work_dir()        # chmod 0755 and POSIX ACLs on workdir/work, checked
+    env.mount(run, "remount volatile", volatile=True)
+
+
 ROWS = {
     "fresh-volatile": fresh_volatile,
     "volatile-to-volatile": volatile_to_volatile,
@@ -131,6 +149,9 @@ ROWS = {
     "fsync-after-wb-error": fsync_after_wb_error,
     "manual-cleanup": manual_cleanup,
     "chained-reuse": chained_reuse,
+    # extra rows
+    "workdir-in-use": workdir_in_use,
+    "work-reset": work_reset,
 }
 #: rows whose steps need the test's kernel log (to check it before a reboot)
 NEEDS_KLOG = {"rebooted"}
@@ -139,7 +160,7 @@ NEEDS_KLOG = {"rebooted"}
 # --- the test ---------------------------------------------------------------------------
 
 def test_row(row, fs, variant, kernel, guest, klog, env, matrix, expectations, request):
-    """One row of SCENARIOS.md on one upper filesystem and kernel variant."""
+    """One row of SCENARIOS.md (or an extra row) on one upper filesystem and kernel variant."""
     base = scenario.variant_base(variant) or scenario.base_of_version(kernel.version)
     exp = expectations.get(row, variant, base)
     run = RowRun(exp, fs, env.checks())

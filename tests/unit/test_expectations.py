@@ -1,5 +1,6 @@
 """The expectations table (tests/scenarios/expectations.json) and the step checker."""
 
+import base64
 import importlib.util
 from pathlib import Path
 
@@ -36,8 +37,25 @@ def contract(missing_input) -> list[scenario.ContractRow]:
 
 
 def test_table_covers_every_row_of_scenarios_md(table, contract):
-    assert table.row_ids == [r.id for r in contract], \
+    assert table.contract_row_ids == [r.id for r in contract], \
         "rows of expectations.json must be SCENARIOS.md's, in its order"
+
+
+def test_every_row_is_a_contract_row_or_a_declared_extra_row(table, contract):
+    ids = table.row_ids
+    assert len(ids) == len(set(ids)), "no row twice"
+    contract_ids = [r.id for r in contract]
+    assert not set(table.extra_row_ids) & set(contract_ids), "an extra row must not be a SCENARIOS.md row"
+    assert ids == contract_ids + table.extra_row_ids, "SCENARIOS.md's rows first, then the extra ones"
+    for row in table.extra_row_ids:
+        assert table.extra_rows[row].strip(), f"{row}: an extra row says where it comes from"
+
+
+def test_the_extra_rows_of_the_review():
+    raw = Expectations.load(TABLE).data["extra_rows"]
+    assert list(raw) == ["workdir-in-use", "work-reset"]
+    for spec in raw.values():
+        assert spec["why"].startswith("series v3 review") and spec["steps"]
 
 
 @pytest.mark.parametrize("label", VARIANTS + [v + "-debug" for v in VARIANTS])
@@ -130,7 +148,8 @@ def test_every_row_has_a_scenario(table):
         "scenario_rows", ROOT / "tests" / "scenarios" / "test_scenarios.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert set(module.ROWS) == set(table.row_ids)
+    assert sorted(module.ROWS) == sorted(table.row_ids), \
+        "ROWS in test_scenarios.py implements exactly the table's rows (SCENARIOS.md's and the extra ones)"
 
 
 def test_bad_table_is_rejected():
@@ -144,6 +163,43 @@ def test_bad_table_is_rejected():
     data["rows"]["r"] = {"P": [{"step": "mount volatile", "expect": "OK"}]}
     with pytest.raises(errors.ExpectationError, match="has no 'B' column"):
         Expectations(data)
+
+
+def _extra(**row) -> dict:
+    return {"variants": {"baseline": {"behaves_as": "B"}},
+            "rows": {"a": {"B": [{"step": "mount volatile", "expect": "OK"}]}},
+            "extra_rows": {"x": {"B": [{"step": "mount volatile", "expect": "OK"}], **row}}}
+
+
+def test_an_extra_row_is_declared_with_its_reason():
+    table = Expectations(_extra(why=" review  finding 1:\n in use ", steps="mount twice"))
+    assert table.row_ids == ["a", "x"] and table.contract_row_ids == ["a"]
+    assert table.extra_rows == {"x": "review finding 1: in use"}
+    assert set(table.rows["x"]) == {"B"}       # why and steps are text, not columns
+    assert table.get("x", "baseline").headline == "OK"
+
+
+@pytest.mark.parametrize("row,match", [
+    ({}, 'needs a non-empty "why"'),
+    ({"why": "  "}, 'needs a non-empty "why"'),
+    ({"why": ["a list"]}, 'needs a non-empty "why"'),
+], ids=["no-why", "blank-why", "not-text"])
+def test_an_extra_row_without_a_reason_is_rejected(row, match):
+    with pytest.raises(errors.ExpectationError, match=match):
+        Expectations(_extra(**row))
+
+
+def test_a_row_is_declared_once(tmp_path):
+    data = _extra(why="w")
+    data["extra_rows"]["a"] = data["extra_rows"].pop("x")
+    with pytest.raises(errors.ExpectationError, match="'a' is already a row of SCENARIOS.md"):
+        Expectations(data)
+    twice = tmp_path / "t.json"
+    twice.write_text('{"variants": {"baseline": {"behaves_as": "B"}}, "rows": {'
+                     '"a": {"B": [{"step": "mount volatile", "expect": "OK"}]},'
+                     '"a": {"B": [{"step": "mount plain", "expect": "OK"}]}}}')
+    with pytest.raises(errors.ExpectationError, match="'a' given twice in one object"):
+        Expectations.load(twice)
 
 
 # --- RowRun ----------------------------------------------------------------------------
@@ -294,6 +350,49 @@ def test_checkpoint_reads_the_trusted_xattr():
     fake = FakeConnection()
     fake.expect("test -e", 1)
     assert scenario.checkpoint(fake, scenario.OverlayDirs()) is None
+
+
+# --- POSIX ACLs as raw xattrs -----------------------------------------------------------
+
+def test_posix_acl_xattr_is_the_kernel_format():
+    # u::rw-,g::r--,o::r--: what getfattr prints for a file setfacl gave that ACL
+    minimal = scenario.posix_acl_xattr([(scenario.ACL_USER_OBJ, 6, None), (scenario.ACL_GROUP_OBJ, 4, None),
+                                        (scenario.ACL_OTHER, 4, None)])
+    assert base64.b64encode(minimal) == b"AgAAAAEABgD/////BAAEAP////8gAAQA/////w=="
+    assert scenario.posix_acl_xattr(scenario.EXTENDED_ACL) == bytes.fromhex(
+        "02000000" "01000700ffffffff" "02000500feff0000" "04000500ffffffff" "10000500ffffffff"
+        "20000500ffffffff")
+
+
+@pytest.mark.parametrize("entry,match", [
+    ((0x40, 7, None), "not a POSIX ACL entry"),
+    ((scenario.ACL_OTHER, 8, None), "not a POSIX ACL entry"),
+    ((scenario.ACL_USER_OBJ, 7, 0), "only named user/group entries carry an id"),
+    ((scenario.ACL_GROUP, 5, None), "only named user/group entries carry an id"),
+], ids=["tag", "perm", "id-on-user-obj", "no-id-on-group"])
+def test_posix_acl_xattr_rejects_bad_entries(entry, match):
+    with pytest.raises(ValueError, match=match):
+        scenario.posix_acl_xattr([entry])
+
+
+def test_change_dir_like_a_user_sends_the_exact_commands():
+    fake = FakeConnection()
+    scenario.change_dir_like_a_user(fake, "/mnt/upperfs/work/work")
+    value = "0s" + base64.b64encode(scenario.posix_acl_xattr(scenario.EXTENDED_ACL)).decode()
+    assert fake.calls == [
+        "chmod 0755 -- /mnt/upperfs/work/work",
+        f"setfattr -n system.posix_acl_default -v {value} -- /mnt/upperfs/work/work",
+        f"setfattr -n system.posix_acl_access -v {value} -- /mnt/upperfs/work/work",
+    ]
+
+
+def test_mode_and_acls_of_a_dir():
+    fake = FakeConnection()
+    fake.expect("stat -c %a -- /d", 0, "0\n")
+    fake.expect("getfattr", 0, "# file: /d\nsystem.posix_acl_access=0x0200\nsecurity.selinux=0x00\n")
+    assert scenario.mode_of(fake, "/d") == "0"
+    assert scenario.acls_of(fake, "/d") == ["system.posix_acl_access"]
+    assert fake.calls[-1] == "getfattr --absolute-names -d -m - -e hex /d"
 
 
 # --- per-base differences (tests/scenarios/bases/<base>.json) ---------------------------

@@ -145,3 +145,12 @@ def test_mounts_on_finds_the_device_by_number_and_escapes():
             "42 22 0:51 / /mnt/other rw - tmpfs tmpfs rw\n")
     assert flakey.mounts_on(info, NODE, "253:0") == ["/mnt/with space/inner", "/mnt/with space"]
     assert flakey.mounts_on(info, NODE, None) == []
+
+
+def test_mounts_on_finds_two_overlays_over_the_same_dirs():
+    # workdir-in-use: should a second overlay over the same dirs get mounted, both go first
+    opts = "rw,lowerdir=/mnt/upperfs/lower,upperdir=/mnt/upperfs/upper,workdir=/mnt/upperfs/work,volatile"
+    info = ("40 22 253:0 / /mnt/upperfs rw - ext4 /dev/mapper/ovl-flakey rw\n"
+            f"41 22 0:40 / /mnt/ovl rw - overlay overlay {opts}\n"
+            f"42 22 0:41 / /mnt/ovl2 rw - overlay overlay {opts}\n")
+    assert flakey.mounts_on(info, NODE, "253:0") == ["/mnt/ovl2", "/mnt/ovl", "/mnt/upperfs"]

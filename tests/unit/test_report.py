@@ -101,3 +101,24 @@ def test_teardown_failure_turns_a_pass_into_an_error():
     m.report("a", "teardown", "failed", 0.1, "umount busy")
     case = m.cases["a"]
     assert case.status == report.ERROR and case.message == "teardown: umount busy"
+
+
+def test_extra_rows_come_after_the_contract_rows_marked_as_extra():
+    why = "series v3 review (issue 9), finding 1: a workdir in use | never reused"
+    m = Matrix(["fresh-volatile", "workdir-in-use", "rebooted"], ["ext4"], extra={"workdir-in-use": why})
+    for row in ("workdir-in-use", "fresh-volatile", "rebooted"):
+        m.add_case(row, row, "ext4", "patched")
+        m.report(row, "call", "passed", 1.0)
+    assert m.rows == ["fresh-volatile", "rebooted", "workdir-in-use"]
+    assert m.extra_rows == ["workdir-in-use"]
+    lines = m.render_markdown().splitlines()
+    table = [ln.split(" |")[0] for ln in lines if ln.startswith("| ") and "✓" in ln]
+    assert table == ["| fresh-volatile", "| rebooted", "| workdir-in-use (extra)"]
+    assert ("- `workdir-in-use`: series v3 review (issue 9), finding 1: a workdir in use \\| never reused"
+            in lines)
+    html = m.render_html()
+    assert '<th class="extra" title="series v3 review' in html and "workdir-in-use <small>(extra)</small>" in html
+
+
+def test_no_extra_rows_no_extra_note(matrix):
+    assert "(extra)" not in matrix.render_markdown() and "(extra)" not in matrix.render_html()

@@ -54,6 +54,8 @@ STEP_SYSCALLS = (
                                                                          d.options(True)]),
     (("mount plain", "remount plain"), "mount", lambda a, d: a == ["overlay", d.target, "overlay",
                                                                    d.options(False)]),
+    (("mount volatile on second target",), "mount",
+     lambda a, d: a == ["overlay", d.second_target, "overlay", d.options(True)]),
     (("force writeback of upper",), "sync_file_range",
      lambda a, d: len(a) == 1 and a[0].startswith(d.upper + "/")),
     (("syncfs upper fs",), "syncfs", lambda a, d: a == [d.fs_mount]),
@@ -75,15 +77,30 @@ def _syscall_problem(step: StepExpectation, op: str, args: list[str], dirs: Over
 
 class FakeGuest:
     """What ScenarioEnv, Flakey and the scenario helpers use of a Guest: ``run``,
-    ``reboot`` and ``plan.spec.console_log``, over a FakeConnection."""
+    ``reboot`` and ``plan.spec.console_log``, over a FakeConnection.
 
-    def __init__(self, steps, console_log: Path) -> None:
+    It keeps the state the rows look at: the overlays mounted (per mountpoint),
+    the files written, the dm-flakey table, and the mode and POSIX ACL xattrs of
+    workdir/work, which every successful overlay mount resets to mode 000 and no
+    ACL (what overlayfs does to a new work dir, and the series to a kept one)
+    unless ``resets_work`` is false.  ``outcomes`` (step name -> errno name) makes
+    a checked syscall return something other than the table's expectation.
+    ``acls``: ``kept`` (setfattr stores them), ``unsupported`` (setfattr fails
+    with EOPNOTSUPP), ``dropped`` (setfattr exits 0 and nothing is stored)."""
+
+    def __init__(self, steps, console_log: Path, *, resets_work: bool = True,
+                 outcomes: dict[str, str] | None = None, acls: str = "kept") -> None:
+        self.acls = acls
+        self.mountinfo = ""
         self.pending = list(steps)
         self.dirs = OverlayDirs()
         self.conn = FakeConnection({"": self.answer})
         self.kmsg: list[str] = ["[    0.000000] Linux version 6.12.117"]
         self.files: dict[str, str] = {}
-        self.overlay_mounted = False
+        self.mounted: set[str] = set()
+        self.work = {"mode": "0", "acls": set()}
+        self.resets_work = resets_work
+        self.outcomes = dict(outcomes or {})
         self.table = ""
         self.boots = 1
         self.plan = SimpleNamespace(spec=SimpleNamespace(console_log=console_log))
@@ -94,46 +111,76 @@ class FakeGuest:
     def reboot(self) -> None:
         self.boots += 1
         self.kmsg = [f"[    0.000000] Linux version 6.12.117 (boot {self.boots})"]
-        self.overlay_mounted, self.table = False, ""
+        self.mounted, self.table = set(), ""
 
     def answer(self, line: str):
         argv = shlex.split(line)
         if argv[0] == scenario.SYSCALL:
             return self.syscall(argv[1], argv[2:])
+        if argv[0] in ("chmod", "setfattr", "stat", "getfattr"):
+            return self.xattr_tools(argv)
         if argv[:3] == ["sh", "-c", 'echo "$1" > /dev/kmsg']:
             self.kmsg.append(f"[    1.000000] {argv[4]}")
         elif argv[:3] == ["sh", "-c", 'printf %s "$2" > "$1"']:
             self.files[argv[4]] = argv[5]
         elif argv[:2] == ["cat", "--"]:
             return self.files.get(argv[2], 1)
+        elif argv == ["cat", "/proc/self/mountinfo"]:
+            return self.mountinfo
         elif argv[:2] == ["dmsetup", "load"]:
             self.table = argv[-1]
-        elif argv[0] in ("dmesg", "blockdev", "getfattr"):
-            return {"dmesg": "\n".join(self.kmsg), "blockdev": "2097152\n",
-                    "getfattr": f"{scenario.CHECKPOINT_XATTR}=0x0102\n"}[argv[0]]
+        elif argv[0] in ("dmesg", "blockdev"):
+            return {"dmesg": "\n".join(self.kmsg), "blockdev": "2097152\n"}[argv[0]]
         return None
+
+    def xattr_tools(self, argv: list[str]):
+        """chmod, setfattr, stat -c %a and getfattr: on workdir/work they use its state."""
+        if argv[-1] != self.dirs.work_dir:
+            if argv[0] == "getfattr":
+                return f"{scenario.CHECKPOINT_XATTR}=0x0102\n"
+            raise AssertionError(f"`{shlex.join(argv)}`: the fake knows only {self.dirs.work_dir}")
+        if argv[0] == "chmod":
+            self.work["mode"] = argv[1].lstrip("0") or "0"
+        elif argv[0] == "setfattr" and self.acls == "unsupported":
+            return CommandResult(tuple(argv), 1, "", f"setfattr: {argv[-1]}: Operation not supported\n")
+        elif argv[0] == "setfattr" and self.acls == "kept":
+            self.work["acls"].add(argv[2])
+        elif argv[0] == "stat":
+            return self.work["mode"] + "\n"
+        else:
+            return "".join(f"{name}=0x02000000\n" for name in sorted(self.work["acls"]))
+        return None
+
+    def umount(self, target: str):
+        if target == self.dirs.fs_mount:   # the upper fs: busy under a mounted overlay
+            return _failed("EBUSY") if self.mounted else "ok\n"
+        if target not in self.mounted:
+            return _failed("EINVAL")
+        self.mounted.discard(target)
+        return "ok\n"
 
     def syscall(self, op: str, args: list[str]):
         if op == "umount":
-            if args != [self.dirs.target]:   # the upper fs: busy under a mounted overlay
-                return _failed("EBUSY") if self.overlay_mounted else "ok\n"
-            was, self.overlay_mounted = self.overlay_mounted, False
-            return "ok\n" if was else _failed("EINVAL")
+            return self.umount(args[0])
         if not self.pending:
             raise AssertionError(f"`ovl-syscall {op} {shlex.join(args)}` after the table's last step")
         step = self.pending.pop(0)
         problem = _syscall_problem(step, op, args, self.dirs)
-        if op == "mount" and self.overlay_mounted:
+        if op == "mount" and args[1] in self.mounted:
             problem = f"step {step.step!r} mounts the overlay over a mounted one (no umount before it)"
         if op == "sync_file_range" and step.expect == "EIO" and "error_writes" not in self.table:
             problem = f"step {step.step!r} expects EIO, but the dm-flakey table is {self.table!r}"
         if problem:
             raise AssertionError(problem)
-        if step.expect == "OK":
-            self.overlay_mounted = self.overlay_mounted or op == "mount"
+        outcome = self.outcomes.get(step.step, step.expect)
+        if outcome == "OK":
+            if op == "mount":
+                self.mounted.add(args[1])
+                if self.resets_work:
+                    self.work = {"mode": "0", "acls": set()}
             return "ok\n"
         self.kmsg += [f"[    2.000000] overlayfs: {line}" for line in step.log]
-        return _failed(step.expect)
+        return _failed(outcome)
 
 
 def _failed(name: str) -> CommandResult:
@@ -144,17 +191,18 @@ def _failed(name: str) -> CommandResult:
 
 # --- every row, on the B, P and P-without-errseq-check columns ------------------------
 
-def run_row(row: str, variant: str, tmp_path: Path) -> tuple[FakeGuest, report.Case]:
-    """The real test_row over a FakeGuest; returns the guest and the matrix case it recorded."""
+def run_row(row: str, variant: str, tmp_path: Path, **fake) -> tuple[FakeGuest, report.Case]:
+    """The real test_row over a FakeGuest (``fake``: its options); returns the guest and
+    the matrix case it recorded."""
     exp = TABLE.get(row, variant)
     console_log = tmp_path / "console.log"
     console_log.write_text("[    0.000000] Linux version 6.12.117\n")
-    guest = FakeGuest(exp.steps, console_log)
+    guest = FakeGuest(exp.steps, console_log, **fake)
     nodeid = f"test_row[{row}-{FS}-{variant}]"
     env = ENV.ScenarioEnv(guest, FS, OverlayDirs(), Flakey(guest, "/dev/vdc", ENV.FLAKEY_NAME),
                           tmp_path, f"{row}[{FS}-{variant}]")
     env.fresh()
-    matrix = report.Matrix(TABLE.row_ids, TABLE.filesystems)
+    matrix = report.Matrix(TABLE.row_ids, TABLE.filesystems, extra=TABLE.extra_rows)
     matrix.add_case(nodeid, row, FS, variant)
     request = SimpleNamespace(node=SimpleNamespace(nodeid=nodeid))
     ROWS.test_row(row, FS, variant, SimpleNamespace(version="6.12.117"), guest,
@@ -220,6 +268,87 @@ def test_a_broken_row_fails(row, func, error, match, label, tmp_path, monkeypatc
     monkeypatch.setitem(ROWS.ROWS, row, func)
     with pytest.raises(error, match=match):
         run_row(row, label, tmp_path)
+
+
+def second_at_first_target(env, run):
+    env.mount(run, "mount volatile", volatile=True)
+    env.write_files("v1")
+    env.umount_overlay()
+    env.mount(run, "mount volatile on second target", volatile=True)
+
+
+@pytest.mark.parametrize("label", ["baseline", "patched"])
+def test_the_second_mount_goes_to_the_second_target(label, tmp_path, monkeypatch):
+    monkeypatch.setitem(ROWS.ROWS, "workdir-in-use", second_at_first_target)
+    with pytest.raises(AssertionError, match="next step 'mount volatile on second target' is not "
+                                             "`ovl-syscall mount overlay /mnt/ovl overlay"):
+        run_row("workdir-in-use", label, tmp_path)
+
+
+# --- the extra rows: what they do to the guest ------------------------------------------
+
+def test_workdir_in_use_keeps_the_first_mount(tmp_path):
+    guest, _case = run_row("workdir-in-use", "patched", tmp_path)
+    assert guest.mounted == {guest.dirs.target}, "the live mount stays, the second one failed"
+    assert any("volatile reuse refused: workdir in use" in ln for ln in guest.kmsg)
+
+
+def test_workdir_in_use_fails_when_the_second_mount_is_allowed(tmp_path):
+    # the patched kernel before the fix: the second mount succeeded (and cleaned the live work dir)
+    with pytest.raises(errors.ExpectationFailed, match=r"workdir-in-use\[ext4-patched\]: mount volatile on "
+                                                       "second target returned OK, expected EINVAL"):
+        run_row("workdir-in-use", "patched", tmp_path, outcomes={"mount volatile on second target": "OK"})
+
+
+def test_cleanup_unmounts_both_overlays(tmp_path):
+    # should the second overlay have been mounted after all (a kernel that allows it)
+    guest = FakeGuest([], tmp_path / "console.log")
+    opts = OverlayDirs().options(True)
+    guest.mountinfo = ("40 22 253:0 / /mnt/upperfs rw - ext4 /dev/mapper/ovl-flakey rw\n"
+                       f"41 22 0:40 / /mnt/ovl rw - overlay overlay rw,{opts}\n"
+                       f"42 22 0:41 / /mnt/ovl2 rw - overlay overlay rw,{opts}\n")
+    env = ENV.ScenarioEnv(guest, FS, OverlayDirs(), Flakey(guest, "/dev/vdc", ENV.FLAKEY_NAME),
+                          tmp_path, "workdir-in-use[ext4-patched]")
+    env.cleanup()
+    calls = guest.conn.calls
+    umounts = [c for c in calls if c.startswith("umount ")]
+    assert umounts == ["umount /mnt/ovl2", "umount /mnt/ovl", "umount /mnt/upperfs"]
+    assert calls.index(umounts[-1]) < calls.index("dmsetup remove --retry ovl-flakey")
+    sweep = [c.rsplit(" ", 1)[-1] for c in calls if "while mountpoint" in c]
+    assert sweep == ["/mnt/ovl", "/mnt/ovl2", "/mnt/upperfs"]
+
+
+@pytest.mark.parametrize("label,mode,acls", [
+    ("patched", "0", set()),
+    ("baseline", "755", set(scenario.ACL_XATTRS)),     # the remount was refused: nothing reset it
+])
+def test_work_reset_changes_the_work_dir_before_the_remount(label, mode, acls, tmp_path):
+    guest, _case = run_row("work-reset", label, tmp_path)
+    calls = guest.conn.calls
+    mounts = [i for i, c in enumerate(calls) if c.startswith(f"{scenario.SYSCALL} mount")]
+    changed = [i for i, c in enumerate(calls) if c.startswith(("chmod 0755", "setfattr"))]
+    assert len(changed) == 3 and mounts[0] < min(changed) and max(changed) < mounts[1]
+    assert guest.work == {"mode": mode, "acls": acls}
+
+
+def test_work_reset_fails_when_the_kernel_keeps_the_changes(tmp_path):
+    with pytest.raises(errors.ExpectationFailed, match=(
+            "remount volatile returned OK as expected, but /mnt/upperfs/work/work was not reset: "
+            "mode 755, not 0, system.posix_acl_access is still set, system.posix_acl_default is still set")):
+        run_row("work-reset", "patched", tmp_path, resets_work=False)
+
+
+@pytest.mark.parametrize("acls,match", [
+    ("unsupported", ("harness error: changing /mnt/upperfs/work/work failed: guest command `setfattr -n "
+                     "system.posix_acl_default .*Operation not supported")),
+    ("dropped", ("harness error: after chmod 0755 and setfattr of both ACLs /mnt/upperfs/work/work has "
+                 "mode 755 and ACL xattrs none")),
+], ids=["setfattr-fails", "acl-not-kept"])
+@pytest.mark.parametrize("label", ["baseline", "patched"])
+def test_work_reset_without_acls_is_a_harness_error(acls, match, label, tmp_path):
+    with pytest.raises(AssertionError, match=match) as err:
+        run_row("work-reset", label, tmp_path, acls=acls)
+    assert not isinstance(err.value, errors.ExpectationFailed), "the harness broke, not the kernel"
 
 
 # --- the smoke test's second mount comes from the same table -----------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import jinja2
 
@@ -82,9 +82,14 @@ class VariantTime:
 
 
 class Matrix:
-    def __init__(self, rows: Iterable[str] = (), filesystems: Iterable[str] = ()) -> None:
+    """``rows``: the row order; ``extra``: the rows beyond SCENARIOS.md (id -> why),
+    shown after the others and marked as extra."""
+
+    def __init__(self, rows: Iterable[str] = (), filesystems: Iterable[str] = (),
+                 extra: Mapping[str, str] | None = None) -> None:
         self.row_order = list(rows)
         self.fs_order = list(filesystems)
+        self.extra: dict[str, str] = dict(extra or {})
         self.cases: dict[str, Case] = {}
         self.times: dict[str, VariantTime] = {}
         self.results_dir: Path | None = None
@@ -161,8 +166,15 @@ class Matrix:
 
     @property
     def rows(self) -> list[str]:
+        """The rows that have cases: SCENARIOS.md's, then the extra ones."""
         present = {c.row for c in self.cases.values()}
-        return [r for r in self.row_order if r in present]
+        ordered = sorted(self.row_order, key=lambda r: r in self.extra)   # stable
+        return [r for r in ordered if r in present]
+
+    @property
+    def extra_rows(self) -> list[str]:
+        """The extra rows that have cases, in order."""
+        return [r for r in self.rows if r in self.extra]
 
     def cell(self, row: str, variant: str, fs: str) -> Case | None:
         for case in self.cases.values():
@@ -192,7 +204,8 @@ class Matrix:
         return env
 
     def _context(self) -> dict:
-        return {"m": self, "rows": self.rows, "columns": self.columns, "variants": self.variants,
+        return {"m": self, "rows": self.rows, "extra": self.extra_rows, "columns": self.columns,
+                "variants": self.variants,
                 "times": self.times, "failures": self.failures, "total": self.counts(),
                 "started": self.started.isoformat(sep=" ")}
 

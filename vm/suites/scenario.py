@@ -7,9 +7,11 @@ in SCENARIOS.md: ``assert remount(...) == EINVAL``.
 
 from __future__ import annotations
 
+import base64
 import errno as errno_mod
 import json
 import re
+import struct
 import time
 import uuid
 from dataclasses import dataclass
@@ -102,6 +104,8 @@ def kmsg_since(g: Runs, marker: str) -> list[str]:
 class OverlayDirs:
     fs_mount: str = "/mnt/upperfs"
     target: str = "/mnt/ovl"
+    #: where a second overlay over the same dirs is tried while the first is mounted
+    second_target: str = "/mnt/ovl2"
 
     @property
     def lower(self) -> str:
@@ -116,8 +120,13 @@ class OverlayDirs:
         return f"{self.fs_mount}/work"
 
     @property
+    def work_dir(self) -> str:
+        """The ``work`` directory overlayfs makes (and, with the series, keeps) in workdir."""
+        return f"{self.work}/work"
+
+    @property
     def volatile_dir(self) -> str:
-        return f"{self.work}/work/incompat/volatile"
+        return f"{self.work_dir}/incompat/volatile"
 
     def options(self, volatile: bool) -> str:
         opts = f"lowerdir={self.lower},upperdir={self.upper},workdir={self.work}"
@@ -131,7 +140,7 @@ def disk_by_serial(g: Runs, serial: str) -> str:
 
 
 def umount_all(g: Runs, dirs: OverlayDirs) -> None:
-    for path in (dirs.target, dirs.fs_mount):
+    for path in (dirs.target, dirs.second_target, dirs.fs_mount):
         g.run(["sh", "-c", 'while mountpoint -q "$1"; do umount "$1" || exit 1; done', "sh", path],
               check=True)
 
@@ -147,8 +156,9 @@ def fresh_upper(g: Runs, device: str, fstype: str, dirs: OverlayDirs) -> None:
     sh(g, ["sh", "-c", 'echo lower > "$1/from-lower"', "sh", dirs.lower])
 
 
-def mount_overlay(g: Runs, dirs: OverlayDirs, *, volatile: bool) -> Outcome:
-    return syscall(g, "mount", "overlay", dirs.target, "overlay", dirs.options(volatile))
+def mount_overlay(g: Runs, dirs: OverlayDirs, *, volatile: bool, target: str | None = None) -> Outcome:
+    """mount(2) the overlay of ``dirs`` at ``target`` (default: ``dirs.target``)."""
+    return syscall(g, "mount", "overlay", target or dirs.target, "overlay", dirs.options(volatile))
 
 
 def umount_overlay(g: Runs, dirs: OverlayDirs) -> Outcome:
@@ -192,7 +202,7 @@ def mkfs(g: Runs, device: str, fstype: str) -> None:
 def mount_upper(g: Runs, device: str, fstype: str, dirs: OverlayDirs,
                 options: str | None = None) -> None:
     opts = UPPER_MOUNT_OPTIONS.get(fstype) if options is None else options
-    sh(g, ["mkdir", "-p", dirs.fs_mount, dirs.target])
+    sh(g, ["mkdir", "-p", dirs.fs_mount, dirs.target, dirs.second_target])
     sh(g, ["mount", "-t", fstype, *(["-o", opts] if opts else []), device, dirs.fs_mount])
 
 
@@ -313,6 +323,61 @@ def checkpoint(g: Runs, dirs: OverlayDirs) -> bytes | None:
     return xattrs(g, dirs.volatile_dir).get(CHECKPOINT_XATTR)
 
 
+# --- POSIX ACLs as raw xattrs (the guest image has attr, not acl) ----------------
+
+ACL_ACCESS = "system.posix_acl_access"
+ACL_DEFAULT = "system.posix_acl_default"
+ACL_XATTRS = (ACL_ACCESS, ACL_DEFAULT)
+#: include/uapi/linux/posix_acl_xattr.h and posix_acl.h
+ACL_XATTR_VERSION = 2
+ACL_USER_OBJ, ACL_USER, ACL_GROUP_OBJ, ACL_GROUP, ACL_MASK, ACL_OTHER = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
+ACL_UNDEFINED_ID = 0xFFFFFFFF
+_ACL_TAGS = (ACL_USER_OBJ, ACL_USER, ACL_GROUP_OBJ, ACL_GROUP, ACL_MASK, ACL_OTHER)
+#: user::rwx, user:65534:r-x, group::r-x, mask::r-x, other::r-x.  The named user
+#: and the mask make it more than mode bits can say, so the kernel keeps it as an
+#: xattr instead of folding it into the mode (posix_acl_equiv_mode()).
+EXTENDED_ACL = ((ACL_USER_OBJ, 7, None), (ACL_USER, 5, 65534), (ACL_GROUP_OBJ, 5, None),
+                (ACL_MASK, 5, None), (ACL_OTHER, 5, None))
+
+
+def posix_acl_xattr(entries: Iterable[tuple[int, int, int | None]]) -> bytes:
+    """The value of ``system.posix_acl_access``/``_default``: le32 version 2, then per
+    entry le16 tag, le16 perm, le32 id (``None``: ACL_UNDEFINED_ID, for the entries
+    without a qualifier).  Entries go in the kernel's order: tag, then id."""
+    out = [struct.pack("<I", ACL_XATTR_VERSION)]
+    for tag, perm, ident in entries:
+        if tag not in _ACL_TAGS or not 0 <= perm <= 7:
+            raise ValueError(f"not a POSIX ACL entry: tag {tag:#x}, perm {perm}")
+        if (ident is None) != (tag not in (ACL_USER, ACL_GROUP)):
+            raise ValueError(f"ACL tag {tag:#x}: only named user/group entries carry an id")
+        out.append(struct.pack("<HHI", tag, perm, ACL_UNDEFINED_ID if ident is None else ident))
+    return b"".join(out)
+
+
+def setfattr_argv(path: str, name: str, value: bytes) -> list[str]:
+    """``setfattr`` with a binary value (``0s`` + base64, as setfattr(1) reads it)."""
+    return ["setfattr", "-n", name, "-v", "0s" + base64.b64encode(value).decode(), "--", path]
+
+
+def mode_of(g: Runs, path: str) -> str:
+    """The permission bits of ``path`` in octal, as ``stat -c %a`` prints them (``0``, ``755``)."""
+    return sh(g, ["stat", "-c", "%a", "--", path]).stdout.strip()
+
+
+def acls_of(g: Runs, path: str) -> list[str]:
+    """Which of the POSIX ACL xattrs ``path`` has."""
+    found = xattrs(g, path)
+    return [name for name in ACL_XATTRS if name in found]
+
+
+def change_dir_like_a_user(g: Runs, path: str) -> None:
+    """chmod 0755 ``path`` and give it a default and an access ACL (:data:`EXTENDED_ACL`)."""
+    value = posix_acl_xattr(EXTENDED_ACL)
+    sh(g, ["chmod", "0755", "--", path])
+    sh(g, setfattr_argv(path, ACL_DEFAULT, value))
+    sh(g, setfattr_argv(path, ACL_ACCESS, value))
+
+
 def fs_damage(lines: Iterable[str]) -> list[str]:
     return [ln for ln in lines if FS_DAMAGE.search(ln)]
 
@@ -320,8 +385,10 @@ def fs_damage(lines: Iterable[str]) -> list[str]:
 # === expected outcomes, as data ================================================
 
 OUTCOMES = ("OK", "EINVAL", "EIO")
-#: checks a step may ask for once it succeeded (see RowRun.checks)
-CHECKS = ("dirty", "checkpoint", "files")
+#: checks a step may ask for once it came out as expected (see RowRun.checks)
+CHECKS = ("dirty", "checkpoint", "files", "work-reset")
+#: keys of an extra row that are text, not behaviour columns (``why`` is required)
+EXTRA_ROW_TEXT = ("why", "steps")
 
 
 def base_variant(variant: str) -> str:
@@ -346,7 +413,7 @@ class StepExpectation:
     step: str
     expect: str                       # "OK", "EINVAL", "EIO"
     log: tuple[str, ...] = ()         # kernel log lines (substrings) that must appear
-    then: tuple[str, ...] = ()        # checks once it succeeded
+    then: tuple[str, ...] = ()        # checks once it came out as expected (OK or the errno)
 
 
 @dataclass(frozen=True)
@@ -373,7 +440,15 @@ class Expectations:
         self.messages: dict[str, str] = dict(data.get("messages", {}))
         self.filesystems: tuple[str, ...] = tuple(data.get("filesystems", FILESYSTEMS))
         self.variants: dict[str, dict] = {k: dict(v) for k, v in data["variants"].items()}
+        #: the rows of SCENARIOS.md's table ("rows"), in its order
+        self.contract_row_ids: list[str] = list(data["rows"])
         self.rows: dict[str, dict] = {k: dict(v) for k, v in data["rows"].items()}
+        self._extra: dict[str, object] = dict(data.get("extra_rows", {}))
+        #: rows beyond SCENARIOS.md ("extra_rows"): id -> why (where the row comes from)
+        self.extra_rows: dict[str, str] = {k: _text(v.get("why") if isinstance(v, Mapping) else None)
+                                           for k, v in self._extra.items()}
+        self.rows.update({k: {c: s for c, s in v.items() if c not in EXTRA_ROW_TEXT}
+                          for k, v in self._extra.items() if isinstance(v, Mapping) and k not in self.rows})
         self.validate()
 
     @classmethod
@@ -383,12 +458,30 @@ class Expectations:
         bases = {}
         if bases_dir is not None:
             for f in sorted(Path(bases_dir).glob("*.json")):
-                bases[f.stem] = json.loads(f.read_text())
-        return cls(json.loads(path.read_text()), str(path), bases)
+                bases[f.stem] = _load_json(f)
+        return cls(_load_json(path), str(path), bases)
 
     @property
     def row_ids(self) -> list[str]:
+        """Every row: SCENARIOS.md's, then the extra ones."""
         return list(self.rows)
+
+    @property
+    def extra_row_ids(self) -> list[str]:
+        return list(self.extra_rows)
+
+    def _validate_extra_rows(self) -> None:
+        """Each extra row names where it comes from, and is not a SCENARIOS.md row too."""
+        for row, spec in self._extra.items():
+            where = f"{self.source}: extra_rows.{row}"
+            if row in self.contract_row_ids:
+                raise errors.ExpectationError(detail=f"{where}: {row!r} is already a row of "
+                                                     "SCENARIOS.md (\"rows\"); a row is declared once")
+            if not self.extra_rows[row]:
+                raise errors.ExpectationError(detail=f"{where}: an extra row needs a non-empty \"why\" "
+                                                     "naming where it comes from (e.g. a review finding)")
+            if not isinstance(spec.get("steps", ""), str):
+                raise errors.ExpectationError(detail=f"{where}: \"steps\" is text (what the row does)")
 
     def _step(self, row: str, behaviour: str, raw: Mapping) -> StepExpectation:
         unknown = set(raw) - {"step", "expect", "log", "then", "why"}
@@ -440,6 +533,7 @@ class Expectations:
         return RowExpectation(row, variant, behaviour, steps)
 
     def validate(self) -> None:
+        self._validate_extra_rows()
         for name, spec in self.variants.items():
             if "behaves_as" not in spec:
                 raise errors.ExpectationError(detail=f"{self.source}: variant {name!r} has no behaves_as")
@@ -464,6 +558,24 @@ class Expectations:
                         raise errors.ExpectationError(detail=f"{where}: {variant}/{row} needs exactly behaves_as "
                                                "and a non-empty why (the reason this base differs)")
                     self.get(row, variant, base)   # the column must exist
+
+
+def _text(value: object) -> str:
+    """A text field with its whitespace folded; ``""`` for anything that is not text."""
+    return " ".join(value.split()) if isinstance(value, str) else ""
+
+
+def _load_json(path: Path) -> dict:
+    """``json.loads`` that refuses a key given twice in one object (JSON keeps the last silently)."""
+    def pairs(items: list) -> dict:
+        keys = [k for k, _ in items]
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        if twice:
+            raise errors.ExpectationError(detail=f"{path}: {', '.join(map(repr, twice))} given twice "
+                                                 "in one object")
+        return dict(items)
+
+    return json.loads(Path(path).read_text(), object_pairs_hook=pairs)
 
 
 @dataclass
