@@ -172,6 +172,11 @@ def lint(settings: Settings, tree: fetch.Tree) -> list:
                 if line.startswith(("ERROR:", "WARNING:", "CHECK:")):
                     runner.echo(f"  | {r.patch}: {line}")
         raise errors.LintFailed(count=len(dirty), patches=", ".join(r.patch for r in dirty))
+    problems = series_tools.identity_problems(series(settings))
+    if problems:
+        raise errors.SeriesError(series=settings.series_file, reason="; ".join(problems),
+                                 fix="export the series with your identity (git config user.name and "
+                                     "user.email) as author and Signed-off-by")
     return results
 
 
@@ -194,7 +199,8 @@ def cover_letter(settings: Settings, tree: fetch.Tree) -> str:
         shutil.rmtree(scratch, ignore_errors=True)
     return series_tools.render_cover_letter(
         full, settings.project_root / "patches" / "templates" / "cover-letter.j2",
-        diffstat_text=stat, base_version=tree.version, base_commit=getattr(tree, "commit", None))
+        diffstat_text=stat, base_version=tree.version, base_commit=getattr(tree, "commit", None),
+        recipients=series_tools.maintainers(tree.path, full))
 
 
 def check_cover_letter(settings: Settings, tree: fetch.Tree) -> Path:

@@ -69,9 +69,10 @@ def test_progress_shows_errors_not_every_line():
 
 def test_settings_from_invoke_yaml_and_overrides():
     s = load(accel="tcg")
-    assert s.base == "6.12" and s.accel == "tcg"
+    assert s.base == "7.2" and s.accel == "tcg"      # the current stable kernel is the main base
+    assert s.bases[0] == s.base and set(s.bases) == {"7.2", "6.12", "6.1"}
     assert s.cache_dir.is_absolute() and s.results_dir.is_absolute()
-    assert s.series_file == ROOT / "patches" / "6.12" / "series"
+    assert s.series_file == ROOT / "patches" / "7.2" / "series"
 
 
 def test_settings_reject_unknown_key():

@@ -140,8 +140,8 @@ def test_stale_cover_letter_error_names_the_base():
 BASES = sorted(p.parent.name for p in (ROOT / "patches").glob("*/series"))
 
 
-def test_both_bases_are_there():
-    assert {"6.1", "6.12"} <= set(BASES)
+def test_every_base_is_there():
+    assert {"6.1", "6.12", "7.2"} <= set(BASES)
 
 
 @pytest.mark.parametrize("base", BASES)
@@ -152,3 +152,63 @@ def test_committed_cover_letter_lists_the_series(base):
         assert p.subject() in text
     assert f"(Debian linux-source-{base})" in text
     series_tools.load_cover_data(ROOT / "patches" / base / series_tools.COVER_DATA)
+
+
+# --- who sends the series, and to whom ----------------------------------------------
+
+def _patch_file(tmp_path, name, author, signoffs):
+    body = "".join(f"Signed-off-by: {s}\n" for s in signoffs)
+    path = tmp_path / name
+    path.write_text(f"From 1 Mon Sep 17 00:00:00 2001\nFrom: {author}\n"
+                    f"Date: Sat, 21 Nov 2026 10:00:00 +0000\nSubject: [PATCH] x\n\nwhy\n\n{body}---\n"
+                    "diff --git a/f b/f\n+Signed-off-by: in the diff does not count\n")
+    return path
+
+
+def test_header_is_unfolded(tmp_path):
+    path = tmp_path / "p.patch"
+    path.write_text("From 1 Mon Sep 17 00:00:00 2001\nFrom: A Very Long Name\n <a@example.org>\n"
+                    "Date: Sat, 21 Nov 2026 10:00:00 +0000\nSubject: x\n\nbody\n")
+    assert series_tools._header(path, "From") == "A Very Long Name <a@example.org>"
+    assert series_tools._header(path, "Date") == "Sat, 21 Nov 2026 10:00:00 +0000"
+    assert series_tools._header(path, "Cc") is None
+
+
+@pytest.mark.parametrize("author, signoffs, problem", [
+    ("Ann Dev <ann@kernel.example.org>", ["Ann Dev <ann@kernel.example.org>"], None),
+    ("ovl-volatile-harness dev <dev@ovl-volatile-harness.invalid>",
+     ["ovl-volatile-harness dev <dev@ovl-volatile-harness.invalid>"], "is not a real identity"),
+    ("Ann Dev", ["Ann Dev"], "is not a real identity"),
+    ("Ann Dev <ann@kernel.example.org>", ["Bob <bob@kernel.example.org>"], "not signed off by its author"),
+    ("Ann Dev <ann@kernel.example.org>", [], "not signed off by its author"),
+], ids=["real", "placeholder", "no-address", "other-signoff", "no-signoff"])
+def test_identity_problems(tmp_path, author, signoffs, problem):
+    p = _patch_file(tmp_path, "0001-x.patch", author, signoffs)
+    (tmp_path / "series").write_text("0001-x.patch\n")
+    found = series_tools.identity_problems(patch.parse_series(tmp_path / "series"))
+    assert (problem is None and not found) or (problem and problem in found[0] and p.name in found[0])
+
+
+@pytest.mark.parametrize("base", sorted(p.parent.name for p in (ROOT / "patches").glob("*/series")))
+def test_committed_series_carries_a_real_identity(base):
+    """The placeholder identity of earlier versions never goes out (review finding 8)."""
+    assert series_tools.identity_problems(patch.parse_series(ROOT / "patches" / base / "series")) == []
+
+
+def test_recipients_are_grouped_and_rendered(tmp_path):
+    series = _series(tmp_path)
+    two = series.path.parent / "0002-b.patch"
+    two.write_text((series.path.parent / "0001-a.patch").read_text().replace("1/1] demo: a", "2/2] demo: b"))
+    series.path.write_text("0001-a.patch\n0002-b.patch\n")
+    series = patch.parse_series(series.path)
+    vfs = ("Al <viro@example.org>", "linux-fsdevel@vger.kernel.org")
+    groups = series_tools._recipient_groups(series, [series_tools.Recipients("0001-a.patch", vfs),
+                                                     series_tools.Recipients("0002-b.patch", vfs)])
+    assert groups == [{"first": 1, "last": 2, "to": list(vfs), "patches": "1-2"}]
+    text = series_tools.render_cover_letter(
+        series, ROOT / "patches" / "templates" / "cover-letter.j2", diffstat_text=" f.c | 1 +",
+        base_version="6.12.117", base_commit=None,
+        recipients=[series_tools.Recipients("0001-a.patch", vfs),
+                    series_tools.Recipients("0002-b.patch", ("Miklos <m@example.org>",))])
+    assert "Cc: Al <viro@example.org>,\n    linux-fsdevel@vger.kernel.org,\n    Miklos <m@example.org>\n" in text
+    assert "  patch 1:\n    Al <viro@example.org>\n    linux-fsdevel@vger.kernel.org\n  patch 2:\n" in text

@@ -65,6 +65,50 @@ class PatchInfo:
     filename: str
 
 
+@dataclass(frozen=True)
+class Recipients:
+    """Who ``scripts/get_maintainer.pl`` of the base tree says a patch goes to."""
+
+    patch: str                    # file name of the patch
+    addresses: tuple[str, ...]    # "Name <mail>" or a list address, in its order
+
+
+def maintainers(tree: Path, series: Series) -> list[Recipients]:
+    """``get_maintainer.pl --nogit`` on every patch (MAINTAINERS only: the tree
+    is a release tarball, and git history would make the list depend on it)."""
+    script = tree / "scripts" / "get_maintainer.pl"
+    if not script.is_file():
+        raise errors.SourceNotFound(what=f"script {script}", fix="fetch a kernel tree first")
+    out = []
+    for patch in series.patches:
+        res = runner.run(["perl", script, "--nogit", "--nogit-fallback", "--norolestats",
+                          patch.path.resolve()], cwd=tree, quiet=True)
+        addresses = tuple(line.strip() for line in res.stdout.splitlines() if "@" in line)
+        out.append(Recipients(patch.name, addresses))
+    return out
+
+
+#: identities that can never be sent: an RFC 2606 ``.invalid`` address (the harness
+#: used ``dev@ovl-volatile-harness.invalid`` as a placeholder), no address at all
+_PLACEHOLDER = re.compile(r"\.invalid>?$|<>|^[^<]*$", re.I)
+
+
+def identity_problems(series: Series) -> list[str]:
+    """Why the series could not be sent as is: each patch's ``From:`` must be a real
+    identity that also signs the patch off (the sender's, see ``git config user.name``)."""
+    problems = []
+    for patch in series.patches:
+        author = _header(patch.path, "From") or ""
+        text = patch.path.read_text(errors="replace").split("\n---\n", 1)[0]
+        signoffs = [line.split(":", 1)[1].strip() for line in text.splitlines()
+                    if line.startswith("Signed-off-by:")]
+        if not author or _PLACEHOLDER.search(author):
+            problems.append(f"{patch.name}: From: {author or '(none)'} is not a real identity")
+        if author not in signoffs:
+            problems.append(f"{patch.name}: not signed off by its author {author or '(none)'}")
+    return problems
+
+
 def diffstat(pristine: Path, patched: Path, series: Series) -> str:
     """``git diff --stat`` of the files the series touches, in a scratch repo."""
     touched: list[str] = []
@@ -96,12 +140,20 @@ def diffstat(pristine: Path, patched: Path, series: Series) -> str:
 
 
 def _header(path: Path, name: str) -> str | None:
+    """A mail header of a ``git format-patch`` file, unfolded (git folds a long
+    ``From:`` onto a continuation line starting with whitespace)."""
+    value = None
     for line in path.read_text(errors="replace").splitlines():
-        if line.startswith(f"{name}:"):
-            return line.split(":", 1)[1].strip()
         if not line.strip():
             break
-    return None
+        if value is not None and line[:1] in (" ", "\t"):
+            value += " " + line.strip()
+            continue
+        if value is not None:
+            return value
+        if line.startswith(f"{name}:"):
+            value = line.split(":", 1)[1].strip()
+    return value
 
 
 def load_cover_data(path: Path) -> dict[str, str]:
@@ -131,7 +183,8 @@ def load_cover_data(path: Path) -> dict[str, str]:
 
 
 def render_cover_letter(series: Series, template: Path, *, diffstat_text: str,
-                        base_version: str, base_commit: str | None) -> str:
+                        base_version: str, base_commit: str | None,
+                        recipients: list[Recipients] | tuple = ()) -> str:
     """Render the template for a series in ``patches/<base>/series``.
 
     The base (e.g. "6.1") is the name of the series' directory, and the
@@ -152,4 +205,21 @@ def render_cover_letter(series: Series, template: Path, *, diffstat_text: str,
     return env.get_template(template.name).render(
         patches=[PatchInfo(p.subject(), p.name) for p in series.patches], diffstat=diffstat_text,
         base=base, base_version=base_version, base_commit=base_commit, cover=cover,
-        author=author, date=date)
+        author=author, date=date, recipients=_recipient_groups(series, recipients))
+
+
+def _recipient_groups(series: Series, recipients) -> list[dict]:
+    """Consecutive patches with the same recipients, as ``{"patches": "2-4", "to": [...]}``."""
+    by_name = {r.patch: r.addresses for r in recipients}
+    groups: list[dict] = []
+    for number, p in enumerate(series.patches, 1):
+        to = list(by_name.get(p.name, ()))
+        if not to:
+            continue
+        if groups and groups[-1]["to"] == to and groups[-1]["last"] == number - 1:
+            groups[-1]["last"] = number
+        else:
+            groups.append({"first": number, "last": number, "to": to})
+    for g in groups:
+        g["patches"] = str(g["first"]) if g["first"] == g["last"] else f"{g['first']}-{g['last']}"
+    return groups
