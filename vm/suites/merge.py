@@ -159,8 +159,10 @@ def collect(dirs: list[Path]) -> Merged:
     if len(plans) > 1:
         raise errors.MixedPlans(plans=", ".join(
             f"{p}: {', '.join(s.name for s in shards if s.manifest.get('plan') == p)}" for p in plans))
-    m = Merged(shards)
     expected = shards[0].manifest.get("shards", [])
+    # the plan's order, whatever order the dirs came in: the same merge, the same matrix
+    shards.sort(key=lambda s: expected.index(s.name) if s.name in expected else len(expected))
+    m = Merged(shards)
     present = {s.name for s in shards}
     m.missing = [name for name in expected if name not in present]
     m.unfinished = sorted({s.name for s in shards if s.manifest.get("status") not in ("passed", "failed")})
