@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import socket
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -57,10 +58,6 @@ class Shard:
     name: str
     base: str
     phases: tuple[Phase, ...]
-
-    @property
-    def titles(self) -> list[str]:
-        return [p.title for p in self.phases]
 
 
 # --- the plan --------------------------------------------------------------------------
@@ -163,10 +160,11 @@ def cells(s: Settings, phase: Phase) -> list[str]:
     if phase.kind in ("scenarios", "matrix"):
         table = Expectations.load(s.suite_path("expectations"))
         tag = "" if phase.kind == "scenarios" else f"@{phase.base}"
-        built = [] if phase.kind == "matrix" else [f"build:{phase.base}/{v}" for v in phase.variants]
-        return built + [f"{phase.kind}:{row}[{fs}-{v}{tag}]" for v in phase.variants
-                        for row in (phase.rows or table.row_ids) for fs in table.filesystems] + \
-            ([f"smoke:{v}" for v in phase.variants] if phase.kind == "scenarios" else [])
+        runs = [f"{phase.kind}:{row}[{fs}-{v}{tag}]" for v in phase.variants
+                for row in (phase.rows or table.row_ids) for fs in table.filesystems]
+        if phase.kind == "matrix":          # its kernels: the scenario shards' and its base's build phase
+            return runs
+        return [f"build:{phase.base}/{v}" for v in phase.variants] + runs + [f"smoke:{v}" for v in phase.variants]
     return [f"{phase.kind}:{phase.suite or phase.base}"]
 
 
@@ -289,8 +287,6 @@ def run_shard(s: Settings, shard: Shard, phases: list[Phase], full: bool = False
     failed or never finished from one that passed."""
     out = shard_dir(s, shard.name)
     if out.exists():
-        import shutil
-
         shutil.rmtree(out)     # never merge a previous run's verdicts
     rec = Record(shard.name, plan_id(phases), "full" if full else "main", [sh.name for sh in shards(phases)],
                  shard.base)
