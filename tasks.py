@@ -277,6 +277,8 @@ def ci(c, full=False, shard=None, list_shards=False, gitlab=False):
         print(f"shard {shard}: {out} (merge with `invoke report --merge '{out.parent}/*'`)")
         return
     merged = ci_plan.run_all(s, phases, full)
+    if (s.results_dir / "matrix.md").is_file():     # the whole tier's matrix, as one session printed it
+        print((s.results_dir / "matrix.md").read_text(), end="")
     _merged(merged, s.results_dir)
 
 
