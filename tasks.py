@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 from pathlib import Path
@@ -16,13 +17,12 @@ from invoke import Collection, Exit, task
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from vm import errors, pipeline, runner  # noqa: E402
+from vm import ci as ci_plan, errors, pipeline, runner  # noqa: E402
 from vm.settings import Settings  # noqa: E402
+from vm.suites import merge as merging  # noqa: E402
 
 
 BASE_HELP = "kernel base: patches/<base>/ and its default source (default: ovl.base)"
-#: the test command always has its inputs (SCENARIOS.md, sshd): a missing one fails, never skips
-UNIT_OPTIONS = ("--require-inputs",)
 
 
 def settings_of(c, **overrides) -> Settings:
@@ -198,15 +198,7 @@ def _matrix(s: Settings, bases: list[str], variants: list[pipeline.Variant], k: 
                     "base": BASE_HELP})
 def lint(c, source=None, base=None):
     """checkpatch --strict on every patch, and the cover letter is up to date."""
-    _lint(settings_of(c, base=base), source)
-
-
-def _lint(s: Settings, source: str | None = None) -> None:
-    tree = pipeline.get_tree(s, source)
-    with runner.phase(f"checkpatch --strict ({s.base})"):
-        pipeline.lint(s, tree)
-    with runner.phase(f"cover letter up to date ({s.base})"):
-        print(f"cover letter up to date: {pipeline.check_cover_letter(s, tree)}")
+    ci_plan.lint(settings_of(c, base=base), source)
 
 
 @harness_task(name="cover-letter", help={"base": BASE_HELP})
@@ -226,29 +218,14 @@ def cover_letter(c, source=None, base=None):
 @harness_task
 def unit(c):
     """Fast unit tests (no VM)."""
-    _unit(settings_of(c))
-
-
-def _unit(s: Settings) -> None:
-    pipeline.tests_without_kernels(s, "unit", markers="unit", options=UNIT_OPTIONS).check()
+    ci_plan.unit(settings_of(c))
 
 
 @harness_task(help={"source": "kernel source (see `invoke fetch --help`)"})
 def mutation(c, source=None):
     """Break the series on purpose (drop patch 4, the errseq check) and show that
     exactly the rows that depend on it fail against the full series' expectations."""
-    _mutation(settings_of(c), source)
-
-
-def _mutation(s: Settings, source: str | None = None) -> None:
-    result, targeted = pipeline.mutation(s, source)
-    print(f"series without its last patch, judged as the full series: {result.counts()}; "
-          f"failed: {result.named('failed')}")
-    problems = pipeline.mutation_problems(result, targeted)
-    if problems:
-        raise Exit(f"mutation check: expected exactly {sorted(targeted)} to fail as assertions and "
-                   f"everything else to pass; {'; '.join(problems)}", code=1)
-    print("mutation check passed: exactly the rows that need the errseq check went red")
+    ci_plan.mutation(settings_of(c), source)
 
 
 @harness_task(help={"tree": "the git clone to bisect (left exactly as it is: the bisect runs in a worktree)",
@@ -284,43 +261,47 @@ def bisect(c, tree, good, bad, scenario=None, fs="ext4", run=None, on_build_fail
     print(f"report: {result.report_dir / 'report.md'} ({len(result.steps)} steps, {result.seconds:.0f}s)")
 
 
-@harness_task(help={"full": "also run the full tier (see README)"})
-def ci(c, full=False):
+@harness_task(help={"full": "also run the full tier (see README)",
+                    "shard": "run only this shard of the tier (a CI job; names: --list-shards)",
+                    "list_shards": "print the tier's shards as JSON for a CI job matrix, run nothing",
+                    "gitlab": "with --list-shards: print the GitLab child pipeline that runs them"})
+def ci(c, full=False, shard=None, list_shards=False, gitlab=False):
     """The test command: unit tests, lint, every series prefix built, scenarios on booted guests."""
     s = settings_of(c)
-    with runner.phase("unit tests"):
-        _unit(s)
-    for base in s.bases:
-        with runner.phase(f"lint {base}"):
-            _lint(s.with_base(base))
-    every = pipeline.prefix_variants(s) + [pipeline.Variant.parse(f"{pipeline.PATCHED}-debug")]
-    with runner.phase(f"build every series prefix and the debug kernel ({', '.join(v.label for v in every)})"):
-        built = _build(s, every)
-    variants = s.ci_full_variants if full else s.ci_variants
-    rows_for = dict(s.ci_full_rows_for if full else s.ci_rows_for)
-    with runner.phase(f"scenarios ({'ci_full' if full else 'ci'}) on {', '.join(variants)}"):
-        kernels = [(v, built[v]) if v in built else pipeline.build_variants(s, [pipeline.Variant.parse(v)])[0]
-                   for v in variants]
-        pipeline.scenarios(s, kernels, rows_for=rows_for).check()
-    with runner.phase("faults: killed builds and boots, two runs at once, hung guest commands (tests/faults)"):
-        pipeline.tests_without_kernels(s, "faults").check()
-    with runner.phase("bisect a kernel history (tests/bisect)"):
-        pipeline.tests_without_kernels(s, "bisect", markers="slow").check()
-    if full:
-        _full_tier(s)
+    if list_shards:
+        print(json.dumps(ci_plan.gitlab_pipeline(s, full) if gitlab else ci_plan.shard_matrix(s, full)))
+        return
+    phases = ci_plan.plan(s, full)
+    if shard:
+        out = ci_plan.run_shard(s, ci_plan.pick(phases, shard), phases, full)
+        print(f"shard {shard}: {out} (merge with `invoke report --merge '{out.parent}/*'`)")
+        return
+    merged = ci_plan.run_all(s, phases, full)
+    if (s.results_dir / "matrix.md").is_file():     # the whole tier's matrix, as one session printed it
+        print((s.results_dir / "matrix.md").read_text(), end="")
+    _merged(merged, s.results_dir)
 
 
-def _full_tier(s: Settings) -> None:
-    with runner.phase("mutation check (series without the errseq patch)"):
-        _mutation(s)
-    for base in s.bases:
-        if base != s.base:
-            with runner.phase(f"build every series prefix on {base}"):
-                _build(s.with_base(base), pipeline.prefix_variants(s.with_base(base)))
-    with runner.phase(f"version matrix ({', '.join(s.bases)})"):
-        _matrix(s, list(s.bases), [pipeline.Variant.parse(pipeline.BASELINE), pipeline.Variant.parse(pipeline.PATCHED)])
+@harness_task(iterable=["merge"],
+              help={"merge": "a shard's results dir (repeatable; comma lists and quoted globs too, "
+                             "e.g. 'results/shards/*')",
+                    "summary": "print the Markdown summary of these shard dirs (a CI job summary), merge nothing",
+                    "out": "where the merged matrix, junit.xml and summary.md go (default: ovl.results_dir)"})
+def report(c, merge=None, summary=False, out=None):
+    """One matrix (Markdown + HTML) and one JUnit file from the results of several CI shards."""
+    dirs = merging.expand(list(merge or []))
+    if summary:
+        print(merging.summary(merging.collect(dirs)), end="")
+        return
+    target = Path(out).resolve() if out else settings_of(c).results_dir
+    _merged(merging.merge(dirs, target), target)
+
+
+def _merged(merged: merging.Merged, out: Path) -> None:
+    print(f"merged {len(merged.shards)} shard(s): {out / merging.SUMMARY}, {out / merging.JUNIT}, "
+          f"matrices: {', '.join(str(out / k / 'matrix.md') for k in sorted(merged.matrices)) or 'none'}")
 
 
 ns = Collection(setup, fetch, build, image, boot, ssh, stop, test, unit, lint, cover_letter, mutation,
-                matrix, bisect, ci)
+                matrix, bisect, ci, report)
 ns.configure({"ovl": {}})

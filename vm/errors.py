@@ -250,3 +250,40 @@ class ExpectationFailed(AssertionError):
     """A scenario's verdict, not a harness error: a step returned what the table does not
     expect.  An AssertionError so that pytest reports the scenario as *failed* (never as an
     error) and the mutation check can tell the two apart."""
+
+
+# --- CI shards ---------------------------------------------------------------
+
+class NotAShard(UserError):
+    message = ("{path} holds no {manifest} (not the results of `invoke ci --shard NAME`); "
+               "fix: pass the directories each shard wrote, results/shards/<shard>/ or a CI artifact of one")
+
+
+class MixedPlans(UserError):
+    message = ("the shards come from different plans ({plans}); fix: merge the shards of one run only "
+               "(same commit and settings: `invoke ci --list-shards` prints the plan id)")
+
+
+class ShardsMissing(UserError):
+    message = ("shard(s) {missing} of plan {plan} are missing{unfinished}; fix: pass every shard's results "
+               "({count} shards: `invoke ci --list-shards`), or rerun them with `invoke ci --shard NAME`")
+
+
+class CellConflict(UserError):
+    message = ("{count} cell(s) were run twice with different outcomes: {cells}; "
+               "fix: a flaky or changed result, rerun those shards and merge the fresh results only")
+
+
+class ShardsFailed(HarnessError):
+    """A verdict: the merged report is written, and some shard did not pass."""
+
+    exit_code = 1
+    message = "{count} shard(s) failed: {shards}; fix: read {report} and each shard's results"
+
+
+class MutationCheckFailed(HarnessError):
+    """A verdict: dropping the last patch did not turn exactly the targeted rows red."""
+
+    exit_code = 1
+    message = ("mutation check: expected exactly {targeted} to fail as assertions and everything else "
+               "to pass; {problems}; fix: read the failures above and results/mutation/")

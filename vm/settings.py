@@ -25,6 +25,7 @@ class SuitePaths:
     rows: str = "tests/scenarios/test_scenarios.py"       # the SCENARIOS.md rows alone
     expectations: str = "tests/scenarios/expectations.json"
     bases: str = "tests/scenarios/bases"                  # per-base differences, <base>.json
+    boot_failures: str = "tests/scenarios/test_boot_failures.py"   # run once, in its own CI shard
     bisect: str = "tests/bisect"
     faults: str = "tests/faults"                          # killed harness runs, concurrent runs
 

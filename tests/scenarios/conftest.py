@@ -341,7 +341,8 @@ def env(request, guest, variant, fs, results_dir, matrix):
         matrix._booted = set()
     if variant not in matrix._booted:
         matrix._booted.add(variant)
-        matrix.add_boot(variant, guest.boot_seconds)
+        matrix.add_boot(variant, guest.boot_seconds,
+                        accel=f"{guest.plan.spec.accel.name} ({guest.plan.spec.accel.reason})")
     row = request.node.callspec.params.get("row", "?")
     e = ScenarioEnv(guest, fs, OverlayDirs(), Flakey(guest, _scratch_disk(guest), FLAKEY_NAME),
                     results_dir, f"{row}[{fs}-{variant}]")

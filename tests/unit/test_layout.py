@@ -13,11 +13,12 @@ pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[2]
 #: lower layers never import higher ones; a package's modules may import each other
-#: (acyclically).  core <- kernel <- machine; core <- suites; workflows on top.
+#: (acyclically).  core <- kernel <- machine; core <- suites; workflows, then the test
+#: command's plan (vm.ci) on top.
 LAYERS = {
     "vm.errors": 0, "vm.runner": 1, "vm.settings": 1,
     "vm.kernel": 2, "vm.suites": 2, "vm.machine": 3,
-    "vm.pipeline": 5, "vm.bisect": 4, "tasks": 6,
+    "vm.pipeline": 5, "vm.bisect": 4, "vm.ci": 6, "tasks": 7,
 }
 MAX_FUNCTION_LINES = 60
 

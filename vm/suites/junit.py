@@ -20,19 +20,18 @@ class Case:
 
 def cases(path: Path) -> list[Case]:
     """Every test case, telling a failed test from one whose setup errored."""
-    found = []
-    for case in ET.parse(path).getroot().iter("testcase"):
-        outcome, message = "passed", ""
-        for tag in ("failure", "error", "skipped"):
-            node = case.find(tag)
-            if node is not None:
-                outcome = {"failure": "failed"}.get(tag, tag)
-                message = (node.get("message") or node.text or "").strip().splitlines()[:1]
-                message = message[0] if message else ""
-                message = _EXC_PREFIX.sub("", message, count=1)
-                break
-        found.append(Case(case.get("name", ""), outcome, message))
-    return found
+    return [case_of(node) for node in ET.parse(path).getroot().iter("testcase")]
+
+
+def case_of(case: ET.Element) -> Case:
+    """One ``<testcase>`` element as a :class:`Case`."""
+    for tag in ("failure", "error", "skipped"):
+        node = case.find(tag)
+        if node is not None:
+            message = (node.get("message") or node.text or "").strip().splitlines()[:1]
+            message = _EXC_PREFIX.sub("", message[0] if message else "", count=1)
+            return Case(case.get("name", ""), {"failure": "failed"}.get(tag, tag), message)
+    return Case(case.get("name", ""), "passed", "")
 
 
 def outcomes(path: Path) -> dict[str, str]:

@@ -8,7 +8,8 @@ at the end of the session it is rendered with Jinja2 to ``matrix.md`` and
 from __future__ import annotations
 
 import datetime as _dt
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -16,6 +17,8 @@ import jinja2
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
+#: the matrix as data, beside matrix.md and matrix.html: what `invoke report --merge` reads
+MATRIX_JSON = "matrix.json"
 PASS, FAIL, ERROR, SKIPPED, NOT_RUN = "pass", "fail", "error", "skipped", "not run"
 
 
@@ -92,6 +95,7 @@ class Matrix:
         self.extra: dict[str, str] = dict(extra or {})
         self.cases: dict[str, Case] = {}
         self.times: dict[str, VariantTime] = {}
+        self.accel: dict[str, str] = {}      # variant -> "tcg: why" of its guest
         self.results_dir: Path | None = None
         self.started = _dt.datetime.now().replace(microsecond=0)
 
@@ -147,8 +151,26 @@ class Matrix:
         elif outcome == "skipped" and when == "setup":
             case.status, case.message = SKIPPED, message
 
-    def add_boot(self, variant: str, seconds: float) -> None:
+    def add_boot(self, variant: str, seconds: float, accel: str = "") -> None:
         self.times.setdefault(variant, VariantTime()).boot_seconds += seconds
+        if accel:
+            self.accel[variant] = accel
+
+    # --- saving (a shard's matrix, read back by vm.suites.merge) ----------------
+    def to_dict(self) -> dict:
+        return {"rows": self.row_order, "filesystems": self.fs_order, "started": self.started.isoformat(),
+                "accel": self.accel, "times": {v: asdict(t) for v, t in self.times.items()},
+                "cases": [{**asdict(c), "steps": [asdict(s) for s in c.steps]} for c in self.cases.values()]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Matrix":
+        m = cls(data.get("rows", ()), data.get("filesystems", ()))
+        m.started = _dt.datetime.fromisoformat(data["started"]) if data.get("started") else m.started
+        m.accel = dict(data.get("accel", {}))
+        m.times = {v: VariantTime(**t) for v, t in data.get("times", {}).items()}
+        for c in data.get("cases", ()):
+            m.cases[c["nodeid"]] = Case(**{**c, "steps": [Step(**s) for s in c.get("steps", ())]})
+        return m
 
     # --- views -------------------------------------------------------------
     @property
@@ -219,13 +241,18 @@ class Matrix:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         written = []
-        for name, text in (("matrix.md", self.render_markdown()), ("matrix.html", self.render_html())):
+        for name, text in (("matrix.md", self.render_markdown()), ("matrix.html", self.render_html()),
+                           (MATRIX_JSON, json.dumps(self.to_dict(), indent=1) + "\n")):
             path = directory / name
             tmp = path.with_suffix(path.suffix + ".tmp")
             tmp.write_text(text)
             tmp.replace(path)
             written.append(path)
         return written[0], written[1]
+
+    def status_cells(self) -> dict[tuple[str, str, str], tuple[str, str]]:
+        """``{(row, fs, variant): (status, actual)}``: what two runs of the same matrix must agree on."""
+        return {(c.row, c.fs, c.variant): (c.status, c.actual) for c in self.cases.values()}
 
 
 def variant_title(variant: str) -> str:
