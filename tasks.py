@@ -284,6 +284,33 @@ def bisect(c, tree, good, bad, scenario=None, fs="ext4", run=None, on_build_fail
     print(f"report: {result.report_dir / 'report.md'} ({len(result.steps)} steps, {result.seconds:.0f}s)")
 
 
+def _csv(text: str | None) -> tuple[str, ...]:
+    return tuple(t.strip() for t in (text or "").split(",") if t.strip())
+
+
+@harness_task(help={"variants": "kernels (default: baseline,patched; the verdict is P against B)",
+                    "fs": "base filesystems of TEST/SCRATCH (default: ext4,xfs)",
+                    "g": "fstests group(s), e.g. overlay/quick (comma list)",
+                    "tests": "fstests test(s), e.g. overlay/118,overlay/081 (comma list)",
+                    "mount_options": "OVERLAY_MOUNT_OPTIONS for every test, e.g. volatile",
+                    "base": BASE_HELP})
+def fstests(c, variants="baseline,patched", fs="ext4,xfs", g=None, tests=None, mount_options="", base=None):
+    """fstests ./check -overlay on booted guests; fails on a regression of P against B."""
+    s = settings_of(c, base=base)
+    _fstests(s, _variants(variants, False), _csv(fs), _csv(g), _csv(tests), mount_options)
+
+
+def _fstests(s: Settings, variants, filesystems, groups=(), tests=(), mount_options="") -> None:
+    if not groups and not tests:
+        tests = s.fstests_ci_tests
+    verdict = pipeline.fstests_run(s, variants, filesystems, groups, tests, mount_options)
+    report = s.results_dir / "fstests" / "report.md"
+    print(verdict.render("fstests -overlay", s.base))
+    if not verdict.ok:
+        raise errors.SuiteVerdict(name="fstests", what="regression or unmet expectation (see above)",
+                                  fix="read the diff and results/fstests/<variant>-<fs>/", report=report)
+
+
 @harness_task(help={"full": "also run the full tier (see README)"})
 def ci(c, full=False):
     """The test command: unit tests, lint, every series prefix built, scenarios on booted guests."""
@@ -322,5 +349,5 @@ def _full_tier(s: Settings) -> None:
 
 
 ns = Collection(setup, fetch, build, image, boot, ssh, stop, test, unit, lint, cover_letter, mutation,
-                matrix, bisect, ci)
+                matrix, bisect, ci, fstests)
 ns.configure({"ovl": {}})

@@ -250,3 +250,21 @@ class ExpectationFailed(AssertionError):
     """A scenario's verdict, not a harness error: a step returned what the table does not
     expect.  An AssertionError so that pytest reports the scenario as *failed* (never as an
     error) and the mutation check can tell the two apart."""
+
+
+# --- fstests and unionmount-testsuite ----------------------------------------
+
+class SuitePatchDoesNotApply(UserError):
+    message = ("{patch} does not apply to {tree}: {detail}; "
+               "fix: rebase it onto that fstests version (nothing was cached)")
+
+
+class SuiteBuildFailed(InfraError):
+    message = "{name} build failed ({reason}); fix: {fix} (full log: {log}; nothing was cached)"
+
+
+class SuiteVerdict(HarnessError):
+    """A verdict of fstests or unionmount-testsuite (a regression, an unmet expectation)."""
+
+    exit_code = 1
+    message = "{name}: {what}; fix: {fix} (report: {report})"
