@@ -311,6 +311,18 @@ def _fstests(s: Settings, variants, filesystems, groups=(), tests=(), mount_opti
                                   fix="read the diff and results/fstests/<variant>-<fs>/", report=report)
 
 
+@harness_task(help={"variants": "kernels (default: baseline,patched)", "base": BASE_HELP})
+def unionmount(c, variants="baseline,patched", base=None):
+    """unionmount-testsuite (./run --ov --verify, --ov --samefs) on booted guests, JUnit."""
+    _unionmount(settings_of(c, base=base), _variants(variants, False))
+
+
+def _unionmount(s: Settings, variants) -> None:
+    result = pipeline.unionmount_run(s, variants)
+    print(f"unionmount-testsuite: {result.counts()} ({s.results_dir / 'unionmount' / 'unionmount.xml'})")
+    result.check()
+
+
 @harness_task(help={"full": "also run the full tier (see README)"})
 def ci(c, full=False):
     """The test command: unit tests, lint, every series prefix built, scenarios on booted guests."""
@@ -329,12 +341,27 @@ def ci(c, full=False):
         kernels = [(v, built[v]) if v in built else pipeline.build_variants(s, [pipeline.Variant.parse(v)])[0]
                    for v in variants]
         pipeline.scenarios(s, kernels, rows_for=rows_for).check()
+    _peer_suites(s, full)
     with runner.phase("faults: killed builds and boots, two runs at once, hung guest commands (tests/faults)"):
         pipeline.tests_without_kernels(s, "faults").check()
     with runner.phase("bisect a kernel history (tests/bisect)"):
         pipeline.tests_without_kernels(s, "bisect", markers="slow").check()
     if full:
         _full_tier(s)
+
+
+def _peer_suites(s: Settings, full: bool) -> None:
+    """The field's own suites on B and P of ovl.base: fstests' ovl.fstests_ci_tests (the
+    series' own test and the volatile/workdir/incompat ones) and unionmount-testsuite;
+    --full adds ovl.fstests_full_groups (overlay/quick), ext4 and xfs."""
+    both = [pipeline.Variant.parse(pipeline.BASELINE), pipeline.Variant.parse(pipeline.PATCHED)]
+    with runner.phase(f"fstests -overlay {', '.join(s.fstests_ci_tests)} on baseline, patched"):
+        _fstests(s, both, ("ext4", "xfs"), (), s.fstests_ci_tests)
+    with runner.phase("unionmount-testsuite on baseline, patched"):
+        _unionmount(s, both)
+    if full:
+        with runner.phase(f"fstests -overlay -g {', '.join(s.fstests_full_groups)} on baseline, patched"):
+            _fstests(s, both, ("ext4", "xfs"), s.fstests_full_groups)
 
 
 def _full_tier(s: Settings) -> None:
@@ -349,5 +376,5 @@ def _full_tier(s: Settings) -> None:
 
 
 ns = Collection(setup, fetch, build, image, boot, ssh, stop, test, unit, lint, cover_letter, mutation,
-                matrix, bisect, ci, fstests)
+                matrix, bisect, ci, fstests, unionmount)
 ns.configure({"ovl": {}})

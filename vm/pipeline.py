@@ -382,3 +382,36 @@ def fstests_run(settings: Settings, variants: list[Variant], filesystems: tuple[
                             returncode=result.returncode)
     verdict.write(req.results_dir, settings.results_dir / "matrix.md", settings.base)
     return verdict
+
+
+def boot_suite_guest(settings: Settings, kernel: build.Kernel, img: image.Image,
+                     disks: dict[str, Path]) -> guest.Guest:
+    """A fresh guest for fstests/unionmount-testsuite: large sparse TEST/SCRATCH disks
+    (``ovl.suite_scratch_size_mb``) and each suite's disk as a snapshot (writable,
+    thrown away with the guest), found in the guest by its serial."""
+    from vm.machine import qemu
+
+    serials = {"fstests": fstests.FSTESTS_SERIAL, "unionmount": fstests.UNIONMOUNT_SERIAL}
+    unknown = sorted(set(disks) - set(serials))
+    if unknown:
+        raise errors.BadArgument(what=f"unknown suite disk(s) {', '.join(unknown)}",
+                                 fix=f"use {', '.join(serials)}")
+    big = replace(settings, scratch_size_mb=settings.suite_scratch_size_mb)
+    extra = tuple(qemu.Disk(Path(path), serials[name], snapshot=True) for name, path in disks.items())
+    label = "-".join(disks) + f"-{kernel.label}"
+    return boot(big, kernel, img, run_dir(settings, label), extra_disks=extra)
+
+
+def unionmount_run(settings: Settings, variants: list[Variant]) -> SuiteResult:
+    """unionmount-testsuite (``./run --ov --verify`` and ``--ov --samefs``) on every
+    variant, one pytest session (JUnit in results/unionmount/); each variant's guest is
+    its own, and the suite's mounts are cleaned up (and checked gone) after each run."""
+    disk = suite_disk(settings, "unionmount")
+    kernels = build_variants(suite_settings(settings), variants)
+    req = _suite_request(settings, "unionmount", kernels, disk)
+    result = suite.run(settings.project_root, req)
+    lines = [f"## unionmount-testsuite (base {settings.base})", "", result.counts(), ""]
+    lines += [f"- {c.name}: {c.outcome}{(': ' + c.message) if c.message else ''}" for c in result.cases]
+    fstests.merge_section(settings.results_dir / "matrix.md", "unionmount-testsuite", "\n".join(lines))
+    (req.results_dir / "report.md").write_text("\n".join(lines) + "\n")
+    return result

@@ -10,14 +10,13 @@ hangs past ``ovl.fstests_timeout`` kills the guest; the next test boots it again
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 from pathlib import Path
 
 import pytest
 
 from vm import pipeline
-from vm.machine import console, qemu
+from vm.machine import console
 from vm.machine import guest as guest_mod
 from vm.machine.image import Image
 from vm.suites import fstests, scenario
@@ -69,22 +68,10 @@ def guest_image(request, settings):
     return pipeline.guest_image(settings, settings.suite_packages)
 
 
-def suite_extra_disks(config, names: tuple[str, ...]) -> tuple[qemu.Disk, ...]:
-    serials = {"fstests": fstests.FSTESTS_SERIAL, "unionmount": fstests.UNIONMOUNT_SERIAL}
-    disks = suite_disks(config)
-    missing = [n for n in names if n not in disks]
-    if missing:
-        raise pytest.UsageError(f"no --suite-disk {', '.join(missing)}=PATH given")
-    return tuple(qemu.Disk(disks[n], serials[n], snapshot=True) for n in names)
-
-
 @pytest.fixture(scope="session")
 def guest(request, variant, kernel, guest_image, settings, results_dir):
     """A fresh guest of ``kernel`` for the suite (never a detached one: a clean guest)."""
-    big = dataclasses.replace(settings, scratch_size_mb=settings.suite_scratch_size_mb)
-    extra = suite_extra_disks(request.config, (SUITE,))
-    g = pipeline.boot(big, kernel, guest_image, pipeline.run_dir(settings, f"{SUITE}-{kernel.label}"),
-                      extra_disks=extra)
+    g = pipeline.boot_suite_guest(settings, kernel, guest_image, {SUITE: suite_disks(request.config)[SUITE]})
     g.suite_state = {}
     try:
         yield g

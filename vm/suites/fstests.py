@@ -143,10 +143,12 @@ def _build_in(name: str, tree: Path, patches: list[Path], tmp: Path, *, make: bo
             rc = runner.run_logged(["make", f"-j{jobs or os.cpu_count() or 1}"], log, cwd=src,
                                    show=lambda line: False)
         if rc != 0:
-            errs = [line for line in log.read_text(errors="replace").splitlines() if "error" in line.lower()]
+            kept = tmp.parent / f"{name}-build-failed.log"       # the temp dir goes; its log stays
+            shutil.copy2(log, kept)
+            errs = [line for line in log.read_text(errors="replace").splitlines()
+                    if "error" in line.lower() and not line.startswith("make")]
             raise errors.SuiteBuildFailed(name=name, reason=(errs[-1].strip() if errs else f"make exited {rc}"),
-                                          log=log, fix="install its build dependencies (./setup.sh) and retry")
-        shutil.copy2(log, tmp / "build.log.kept")
+                                          log=kept, fix="install its build dependencies (./setup.sh) and retry")
     size_mb = int(_du_mb(src) * 1.3) + 64
     runner.run(["mke2fs", "-q", "-F", "-t", "ext4", "-L", name[:16], "-E", "root_owner=0:0",
                 "-d", src, tmp / "disk.ext4", f"{size_mb}M"], fix="install e2fsprogs (./setup.sh)")
@@ -244,6 +246,8 @@ def parse_check_log(text: str) -> CheckLog:
 
 @dataclass(frozen=True)
 class TestResult:
+    __test__ = False        # not a pytest test class
+
     test: str
     outcome: str            # passed | failed | notrun
     message: str = ""
@@ -554,3 +558,35 @@ def merge_section(path: Path, key: str, text: str) -> None:
         old = head.rstrip("\n") + rest.partition(end)[2]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text((old.rstrip("\n") + "\n\n" if old.strip() else "") + f"{begin}\n{text.rstrip()}\n{end}\n")
+
+
+# --- unionmount-testsuite ------------------------------------------------------------------
+
+#: the runs, as pytest ids -> ./run arguments (README: "If testing overlayfs ...")
+UNIONMOUNT_RUNS = {"ov-verify": ("--ov", "--verify"), "ov-samefs": ("--ov", "--samefs")}
+#: where ./run mounts (its defaults): cleaned up after each run, and checked
+UNIONMOUNT_ROOTS = ("/lower", "/upper", "/base", "/mnt")
+
+
+def unionmount_argv(mode: str) -> list[str]:
+    if mode not in UNIONMOUNT_RUNS:
+        raise errors.BadArgument(what=f"unknown unionmount-testsuite run {mode!r}",
+                                 fix=f"use {', '.join(UNIONMOUNT_RUNS)}")
+    args = " ".join(UNIONMOUNT_RUNS[mode])
+    return ["sh", "-c", f"mkdir -p {' '.join(UNIONMOUNT_ROOTS)} && cd {UNIONMOUNT_DIR} && exec ./run {args}"]
+
+
+def leftover_mounts(proc_mounts: str, roots: Iterable[str] = UNIONMOUNT_ROOTS) -> list[str]:
+    """Mount points in ``/proc/mounts`` text at or under ``roots``."""
+    found = []
+    for line in proc_mounts.splitlines():
+        fields = line.split()
+        if len(fields) > 1 and any(fields[1] == r or fields[1].startswith(r + "/") for r in roots):
+            found.append(fields[1])
+    return found
+
+
+def unmount_argv(points: Iterable[str]) -> list[str]:
+    """Unmount ``points``, deepest first (a stack of overlays comes off top down)."""
+    ordered = sorted(set(points), key=lambda p: (-p.count("/"), p))
+    return ["sh", "-c", "for m in \"$@\"; do umount -l \"$m\" 2>/dev/null; done; true", "sh", *ordered]
