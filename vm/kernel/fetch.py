@@ -376,6 +376,9 @@ def _fetch_tree(spec: SourceSpec, kind: "TreeKind") -> Tree:
     if not root.is_dir():
         raise errors.SourceNotFound(what=f"directory {root}", fix="check the path given to tree:")
     version = kind.version(root)
+    if version is None and kind is KERNEL:
+        raise errors.SourceNotFound(what=f"tree {root} (no top-level Makefile with VERSION/PATCHLEVEL)",
+                                    fix="point tree: at the root of a kernel source tree")
     if version is None:
         raise errors.SourceNotFound(what=f"{kind.name} {root} (not recognised as one)",
                                     fix=f"point tree: at the root of a {kind.name}")
