@@ -344,7 +344,12 @@ def suite_disk(settings: Settings, which: str) -> fstests.SuiteDisk:
     applied, packed into a disk for the guest: reused while source and patches are."""
     spec = suite_source(settings, which)
     with runner.phase(f"fetch {which} ({spec.kind}:{spec.value})"):
-        tree = fetch.fetch(spec, settings.sub("suites"), kind=SUITE_KINDS[which])
+        try:
+            tree = fetch.fetch(spec, settings.sub("suites"), kind=SUITE_KINDS[which])
+        except errors.SourceNotFound as exc:
+            raise errors.BadArgument(what=f"{which} source {exc.fields.get('what')} not found",
+                                     fix=f"set ovl.{which}_source to the tarball's path (../shared/vendor/, "
+                                         "see its SHA256SUMS) or to its upstream git (README)") from None
     patches = fstests.series_patches(settings.project_root / "patches" / "fstests") if which == "fstests" else []
     return fstests.build_disk(which, tree.path, tree.key, patches, settings.sub("suites") / "builds",
                               make=which == "fstests", jobs=settings.jobs)
@@ -364,6 +369,10 @@ def fstests_run(settings: Settings, variants: list[Variant], filesystems: tuple[
                 mount_options: str = "") -> "fstests.Verdict":
     """``./check -overlay`` of the selected tests on every variant and base fs, one pytest
     session; the verdict is the regression diff of patched against baseline."""
+    unknown = sorted(set(filesystems) - set(fstests.FILESYSTEMS)) or ([] if filesystems else ["(none)"])
+    if unknown:
+        raise errors.BadArgument(what=f"unknown base filesystem(s) {', '.join(unknown)}",
+                                 fix=f"use --fs {','.join(fstests.FILESYSTEMS)} or a part of it")
     disk = suite_disk(settings, "fstests")
     selected = fstests.select(disk.root, groups, tests)
     runner.echo(f"  fstests: {len(selected)} test(s) x {', '.join(filesystems)} x "
