@@ -56,7 +56,7 @@ class ChecksumMismatch(UserError):
 
 
 class CorruptTarball(UserError):
-    message = "{path} is not a usable kernel tarball ({reason}); fix: {fix}"
+    message = "{path} is not a usable source tarball ({reason}); fix: {fix}"
 
 
 class UnsafeArchive(UserError):
