@@ -362,6 +362,11 @@ def _peer_suites(s: Settings, full: bool) -> None:
     if full:
         with runner.phase(f"fstests -overlay -g {', '.join(s.fstests_full_groups)} on baseline, patched"):
             _fstests(s, both, ("ext4", "xfs"), s.fstests_full_groups)
+        with runner.phase("fstests mutation: overlay/118 on the series without its errseq patch"):
+            problems = pipeline.fstests_mutation(s)
+            if problems:
+                raise Exit(f"fstests mutation check: {'; '.join(problems)}", code=1)
+            print("fstests mutation check passed: overlay/118 fails without the errseq patch")
 
 
 def _full_tier(s: Settings) -> None:

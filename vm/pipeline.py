@@ -424,3 +424,22 @@ def unionmount_run(settings: Settings, variants: list[Variant]) -> SuiteResult:
     fstests.merge_section(settings.results_dir / "matrix.md", "unionmount-testsuite", "\n".join(lines))
     (req.results_dir / "report.md").write_text("\n".join(lines) + "\n")
     return result
+
+
+def fstests_mutation(settings: Settings, filesystems: tuple[str, ...] = ("ext4", "xfs")) -> list[str]:
+    """The series without its last patch (as `invoke mutation`), judged as the full series by
+    the series' own fstests test on each fs: it must fail there (and be notrun on B).
+    Returns the problems; empty when exactly that happened."""
+    n = len(series(settings))
+    mutated, own = Variant(f"prefix-{n - 1}", n - 1), "overlay/118"
+    verdict = fstests_run(settings, [Variant.parse(BASELINE), mutated], filesystems, (), (own,))
+    problems = []
+    for fs in filesystems:
+        got = verdict.results.get((mutated.label, fs), {}).get(own)
+        if got is None or got.outcome != fstests.FAILED:
+            problems.append(f"{own} on {fs} ({mutated.label}): {got.outcome if got else 'did not run'}, "
+                            "expected failed")
+        base = verdict.results.get((BASELINE, fs), {}).get(own)
+        if base is None or base.outcome != fstests.NOTRUN:
+            problems.append(f"{own} on {fs} (baseline): {base.outcome if base else 'did not run'}, expected notrun")
+    return problems
