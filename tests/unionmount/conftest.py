@@ -1,4 +1,4 @@
-"""unionmount-testsuite on booted guests: ``test_unionmount[ov-verify-patched]``.
+"""unionmount-testsuite on booted guests: ``test_unionmount[patched-ov-verify]``.
 
 Each variant gets a fresh guest of its own (the suite image and the
 unionmount-testsuite disk, ``--suite-disk unionmount=PATH``); after every run
