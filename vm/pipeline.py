@@ -432,6 +432,7 @@ def fstests_mutation(settings: Settings, filesystems: tuple[str, ...] = ("ext4",
     Returns the problems; empty when exactly that happened."""
     n = len(series(settings))
     mutated, own = Variant(f"prefix-{n - 1}", n - 1), "overlay/118"
+    settings = replace(settings, results_dir=settings.results_dir / "mutation")   # beside its scenarios
     verdict = fstests_run(settings, [Variant.parse(BASELINE), mutated], filesystems, (), (own,))
     problems = []
     for fs in filesystems:
