@@ -355,8 +355,9 @@ def _peer_suites(s: Settings, full: bool) -> None:
     series' own test and the volatile/workdir/incompat ones) and unionmount-testsuite;
     --full adds ovl.fstests_full_groups (overlay/quick), ext4 and xfs."""
     both = [pipeline.Variant.parse(pipeline.BASELINE), pipeline.Variant.parse(pipeline.PATCHED)]
-    with runner.phase(f"fstests -overlay {', '.join(s.fstests_ci_tests)} on baseline, patched"):
-        _fstests(s, both, ("ext4", "xfs"), (), s.fstests_ci_tests)
+    with runner.phase(f"fstests -overlay {', '.join(s.fstests_ci_tests)} on baseline, patched "
+                      f"({', '.join(s.fstests_ci_fs)})"):
+        _fstests(s, both, s.fstests_ci_fs, (), s.fstests_ci_tests)
     with runner.phase("unionmount-testsuite on baseline, patched"):
         _unionmount(s, both)
     if full:

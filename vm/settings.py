@@ -72,6 +72,7 @@ class Settings:
     suite_scratch_size_mb: int = 16384        # sparse TEST/SCRATCH disks of the suites' guests
     fstests_timeout: float = 600.0            # seconds one fstests test may take (TCG)
     fstests_ci_tests: tuple[str, ...] = ()    # what `invoke ci` runs
+    fstests_ci_fs: tuple[str, ...] = ("xfs",)  # on these base filesystems
     fstests_full_groups: tuple[str, ...] = ()  # what `invoke ci --full` adds
     suites: SuitePaths = field(default_factory=SuitePaths)
     project_root: Path = PROJECT_ROOT
@@ -102,7 +103,8 @@ class Settings:
             ci_variants=tuple(self.ci_variants), ci_full_variants=tuple(self.ci_full_variants),
             mutation_rows=tuple(self.mutation_rows),
             suite_fragments=tuple(self.suite_fragments), suite_packages=tuple(self.suite_packages),
-            fstests_ci_tests=tuple(self.fstests_ci_tests), fstests_full_groups=tuple(self.fstests_full_groups),
+            fstests_ci_tests=tuple(self.fstests_ci_tests), fstests_ci_fs=tuple(self.fstests_ci_fs),
+            fstests_full_groups=tuple(self.fstests_full_groups),
             suite_scratch_size_mb=int(self.suite_scratch_size_mb), fstests_timeout=float(self.fstests_timeout),
             ci_rows_for=_rows_map(self.ci_rows_for, "ci_rows_for"),
             suites=_suite_paths(self.suites),
