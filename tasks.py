@@ -301,14 +301,9 @@ def fstests(c, variants="baseline,patched", fs="ext4,xfs", g=None, tests=None, m
 
 
 def _fstests(s: Settings, variants, filesystems, groups=(), tests=(), mount_options="") -> None:
-    if not groups and not tests:
-        tests = s.fstests_ci_tests
-    verdict = pipeline.fstests_run(s, variants, filesystems, groups, tests, mount_options)
-    report = s.results_dir / "fstests" / "report.md"
+    verdict = pipeline.fstests_check(s, variants, filesystems, groups, tests or (() if groups else None),
+                                     mount_options)
     print(verdict.render("fstests -overlay", s.base))
-    if not verdict.ok:
-        raise errors.SuiteVerdict(name="fstests", what="regression or unmet expectation (see above)",
-                                  fix="read the diff and results/fstests/<variant>-<fs>/", report=report)
 
 
 @harness_task(help={"variants": "kernels (default: baseline,patched)", "base": BASE_HELP})
@@ -351,23 +346,10 @@ def ci(c, full=False):
 
 
 def _peer_suites(s: Settings, full: bool) -> None:
-    """The field's own suites on B and P of ovl.base: fstests' ovl.fstests_ci_tests (the
-    series' own test and the volatile/workdir/incompat ones) and unionmount-testsuite;
-    --full adds ovl.fstests_full_groups (overlay/quick), ext4 and xfs."""
-    both = [pipeline.Variant.parse(pipeline.BASELINE), pipeline.Variant.parse(pipeline.PATCHED)]
-    with runner.phase(f"fstests -overlay {', '.join(s.fstests_ci_tests)} on baseline, patched "
-                      f"({', '.join(s.fstests_ci_fs)})"):
-        _fstests(s, both, s.fstests_ci_fs, (), s.fstests_ci_tests)
-    with runner.phase("unionmount-testsuite on baseline, patched"):
-        _unionmount(s, both)
-    if full:
-        with runner.phase(f"fstests -overlay -g {', '.join(s.fstests_full_groups)} on baseline, patched"):
-            _fstests(s, both, ("ext4", "xfs"), s.fstests_full_groups)
-        with runner.phase("fstests mutation: overlay/118 on the series without its errseq patch"):
-            problems = pipeline.fstests_mutation(s)
-            if problems:
-                raise Exit(f"fstests mutation check: {'; '.join(problems)}", code=1)
-            print("fstests mutation check passed: overlay/118 fails without the errseq patch")
+    """The field's own suites on B and P of ovl.base (pipeline.peer_suite_steps)."""
+    for title, step in pipeline.peer_suite_steps(s, full):
+        with runner.phase(title):
+            step()
 
 
 def _full_tier(s: Settings) -> None:

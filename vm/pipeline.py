@@ -444,3 +444,50 @@ def fstests_mutation(settings: Settings, filesystems: tuple[str, ...] = ("ext4",
         if base is None or base.outcome != fstests.NOTRUN:
             problems.append(f"{own} on {fs} (baseline): {base.outcome if base else 'did not run'}, expected notrun")
     return problems
+
+
+def fstests_check(settings: Settings, variants: list[Variant], filesystems: tuple[str, ...],
+                  groups: tuple[str, ...] = (), tests: tuple[str, ...] | None = None,
+                  mount_options: str = "") -> "fstests.Verdict":
+    """:func:`fstests_run` (``tests=None`` and no group: ``ovl.fstests_ci_tests``) that
+    raises :class:`~vm.errors.SuiteVerdict` on a regression or an unmet expectation."""
+    if not groups and tests is None:
+        tests = settings.fstests_ci_tests
+    verdict = fstests_run(settings, variants, filesystems, groups, tuple(tests or ()), mount_options)
+    if not verdict.ok:
+        runner.echo(verdict.render("fstests -overlay", settings.base))
+        raise errors.SuiteVerdict(name="fstests", what="regression or unmet expectation (see above)",
+                                  fix="read the diff and results/fstests/<variant>-<fs>/",
+                                  report=settings.results_dir / "fstests" / "report.md")
+    return verdict
+
+
+def fstests_mutation_check(settings: Settings) -> None:
+    problems = fstests_mutation(settings)
+    if problems:
+        raise errors.SuiteVerdict(name="fstests mutation", what="; ".join(problems),
+                                  fix="overlay/118 must fail without the errseq patch and be notrun on B",
+                                  report=settings.results_dir / "mutation" / "fstests" / "report.md")
+    runner.echo("fstests mutation check passed: overlay/118 fails without the errseq patch")
+
+
+def peer_suite_steps(settings: Settings, full: bool = False) -> list[tuple[str, "object"]]:
+    """``invoke ci``'s fstests and unionmount-testsuite work as (title, callable) steps, so
+    a CI plan can make each a phase: ``ovl.fstests_ci_tests`` on ``ovl.fstests_ci_fs`` and
+    unionmount-testsuite on B and P of ``ovl.base``; ``full`` adds ``ovl.fstests_full_groups``
+    on ext4 and xfs and the fstests mutation check."""
+    both = [Variant.parse(BASELINE), Variant.parse(PATCHED)]
+    s = settings
+    steps = [
+        (f"fstests -overlay {', '.join(s.fstests_ci_tests)} on baseline, patched ({', '.join(s.fstests_ci_fs)})",
+         lambda: fstests_check(s, both, s.fstests_ci_fs)),
+        ("unionmount-testsuite on baseline, patched", lambda: unionmount_run(s, both).check()),
+    ]
+    if full:
+        steps += [
+            (f"fstests -overlay -g {', '.join(s.fstests_full_groups)} on baseline, patched (ext4, xfs)",
+             lambda: fstests_check(s, both, fstests.FILESYSTEMS, s.fstests_full_groups)),
+            ("fstests mutation: overlay/118 on the series without its errseq patch",
+             lambda: fstests_mutation_check(s)),
+        ]
+    return steps
