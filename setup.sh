@@ -14,6 +14,10 @@ PKGS=(
 	qemu-system-x86 qemu-utils mmdebstrap e2fsprogs xfsprogs
 	openssh-client openssh-server
 	gpgv debian-archive-keyring gpg gpg-agent
+	# fstests (xfstests), built on the host and shipped to the guest: its
+	# Debian build dependencies (README "Building")
+	autoconf automake libtool gawk libacl1-dev libattr1-dev libaio-dev libcap-dev
+	liburing-dev uuid-dev xfslibs-dev pkg-config make
 )
 # The offline kernel trees (Debian's linux-source-X.Y packages), one per series
 # base in patches/<base>/ (ovl.base: 6.12 by default, 6.1 for the LTS backport);

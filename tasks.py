@@ -261,6 +261,40 @@ def bisect(c, tree, good, bad, scenario=None, fs="ext4", run=None, on_build_fail
     print(f"report: {result.report_dir / 'report.md'} ({len(result.steps)} steps, {result.seconds:.0f}s)")
 
 
+def _csv(text: str | None) -> tuple[str, ...]:
+    return tuple(t.strip() for t in (text or "").split(",") if t.strip())
+
+
+@harness_task(help={"variants": "kernels (default: baseline,patched; the verdict is P against B)",
+                    "fs": "base filesystems of TEST/SCRATCH (default: ext4,xfs)",
+                    "g": "fstests group(s), e.g. overlay/quick (comma list)",
+                    "tests": "fstests test(s), e.g. overlay/118,overlay/081 (comma list)",
+                    "mount_options": "OVERLAY_MOUNT_OPTIONS for every test, e.g. volatile",
+                    "base": BASE_HELP})
+def fstests(c, variants="baseline,patched", fs="ext4,xfs", g=None, tests=None, mount_options="", base=None):
+    """fstests ./check -overlay on booted guests; fails on a regression of P against B."""
+    s = settings_of(c, base=base)
+    _fstests(s, _variants(variants, False), _csv(fs), _csv(g), _csv(tests), mount_options)
+
+
+def _fstests(s: Settings, variants, filesystems, groups=(), tests=(), mount_options="") -> None:
+    verdict = pipeline.fstests_check(s, variants, filesystems, groups, tests or (() if groups else None),
+                                     mount_options)
+    print(verdict.render("fstests -overlay", s.base))
+
+
+@harness_task(help={"variants": "kernels (default: baseline,patched)", "base": BASE_HELP})
+def unionmount(c, variants="baseline,patched", base=None):
+    """unionmount-testsuite (./run --ov --verify, --ov --samefs) on booted guests, JUnit."""
+    _unionmount(settings_of(c, base=base), _variants(variants, False))
+
+
+def _unionmount(s: Settings, variants) -> None:
+    result = pipeline.unionmount_run(s, variants)
+    print(f"unionmount-testsuite: {result.counts()} ({s.results_dir / 'unionmount' / 'unionmount.xml'})")
+    result.check()
+
+
 @harness_task(help={"full": "also run the full tier (see README)",
                     "shard": "run only this shard of the tier (a CI job; names: --list-shards)",
                     "list_shards": "print the tier's shards as JSON for a CI job matrix, run nothing",
@@ -303,5 +337,5 @@ def _merged(merged: merging.Merged, out: Path) -> None:
 
 
 ns = Collection(setup, fetch, build, image, boot, ssh, stop, test, unit, lint, cover_letter, mutation,
-                matrix, bisect, ci, report)
+                matrix, bisect, ci, report, fstests, unionmount)
 ns.configure({"ovl": {}})

@@ -43,6 +43,12 @@ def pytest_addoption(parser):
     group.addoption("--require-inputs", action="store_true", default=False,
                     help="a test input that is always there in the test command (SCENARIOS.md, "
                          "an sshd binary) fails the test when missing, instead of skipping it")
+    group.addoption("--suite-disk", action="append", default=[], metavar="NAME=PATH",
+                    help="fstests/unionmount: a suite's disk image (made by vm/suites/fstests.py)")
+    group.addoption("--fstests-test", action="append", default=[], metavar="overlay/NNN",
+                    help="fstests: a test to run (repeatable; the pipeline expands groups)")
+    group.addoption("--fstests-mount-options", default="", metavar="OPTS",
+                    help="fstests: OVERLAY_MOUNT_OPTIONS for every test, e.g. volatile")
 
 
 def _kernel_options(config) -> dict[str, Path]:

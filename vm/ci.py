@@ -78,6 +78,10 @@ def _main_phases(s: Settings, full: bool) -> list[Phase]:
           for v in variants],
         Phase("boot-failures", "boot_failures", "boot failures: panic, hang, wrong key, detach, KVM fallback",
               base=base, variants=(pipeline.BASELINE,), suite="boot_failures", results="boot-failures"),
+        Phase("fstests", "fstests", f"fstests -overlay {', '.join(s.fstests_ci_tests)} on baseline, "
+              f"patched ({', '.join(s.fstests_ci_fs)})", base=base, variants=(pipeline.BASELINE, pipeline.PATCHED)),
+        Phase("unionmount", "unionmount", "unionmount-testsuite on baseline, patched", base=base,
+              variants=(pipeline.BASELINE, pipeline.PATCHED)),
         Phase("faults", "suite", "faults: killed builds and boots, two runs at once, hung guest commands",
               suite="faults", results="faults"),
         Phase("bisect", "suite", "bisect a kernel history (tests/bisect)", suite="bisect", results="bisect"),
@@ -86,7 +90,11 @@ def _main_phases(s: Settings, full: bool) -> list[Phase]:
 
 def _full_phases(s: Settings) -> list[Phase]:
     pair = (pipeline.BASELINE, pipeline.PATCHED)
-    out = [Phase("mutation", "mutation", "mutation check (series without its last patch)", base=s.base)]
+    out = [Phase("mutation", "mutation", "mutation check (series without its last patch)", base=s.base),
+           Phase("fstests-full", "fstests_full", f"fstests -overlay -g {', '.join(s.fstests_full_groups)} on "
+                 "baseline, patched (ext4, xfs)", base=s.base, variants=(pipeline.BASELINE, pipeline.PATCHED)),
+           Phase("fstests-mutation", "fstests_mutation", "fstests mutation: overlay/118 without the errseq patch",
+                 base=s.base)]
     for b in s.bases:
         if b != s.base:
             prefixes = tuple(v.label for v in pipeline.prefix_variants(s.with_base(b)))
@@ -246,9 +254,35 @@ def _matrix(s: Settings, phase: Phase) -> list[SuiteResult]:
                                results_dir=s.results_dir / "matrix").check()]
 
 
+def _fstests(s: Settings, phase: Phase) -> list[SuiteResult]:
+    verdict = pipeline.fstests_check(s.with_base(phase.base), _variants(phase), s.fstests_ci_fs)
+    print(verdict.render("fstests -overlay", phase.base))
+    return []
+
+
+def _fstests_full(s: Settings, phase: Phase) -> list[SuiteResult]:
+    from vm.suites import fstests
+
+    verdict = pipeline.fstests_check(s.with_base(phase.base), _variants(phase), fstests.FILESYSTEMS,
+                                     s.fstests_full_groups)
+    print(verdict.render("fstests -overlay", phase.base))
+    return []
+
+
+def _fstests_mutation(s: Settings, phase: Phase) -> list[SuiteResult]:
+    pipeline.fstests_mutation_check(s.with_base(phase.base))
+    return []
+
+
+def _unionmount(s: Settings, phase: Phase) -> list[SuiteResult]:
+    return [pipeline.unionmount_run(s.with_base(phase.base), _variants(phase)).check()]
+
+
 RUNNERS: Mapping[str, Callable[[Settings, Phase], list[SuiteResult]]] = {
     "unit": _unit, "lint": _lint, "build": _build, "scenarios": _scenarios,
     "boot_failures": _boot_failures, "suite": _suite, "mutation": _mutation, "matrix": _matrix,
+    "fstests": _fstests, "fstests_full": _fstests_full, "fstests_mutation": _fstests_mutation,
+    "unionmount": _unionmount,
 }
 
 

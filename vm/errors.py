@@ -56,7 +56,7 @@ class ChecksumMismatch(UserError):
 
 
 class CorruptTarball(UserError):
-    message = "{path} is not a usable kernel tarball ({reason}); fix: {fix}"
+    message = "{path} is not a usable source tarball ({reason}); fix: {fix}"
 
 
 class UnsafeArchive(UserError):
@@ -287,3 +287,20 @@ class MutationCheckFailed(HarnessError):
     exit_code = 1
     message = ("mutation check: expected exactly {targeted} to fail as assertions and everything else "
                "to pass; {problems}; fix: read the failures above and results/mutation/")
+
+# --- fstests and unionmount-testsuite ----------------------------------------
+
+class SuitePatchDoesNotApply(UserError):
+    message = ("{patch} does not apply to {tree}: {detail}; "
+               "fix: rebase it onto that fstests version (nothing was cached)")
+
+
+class SuiteBuildFailed(InfraError):
+    message = "{name} build failed ({reason}); fix: {fix} (full log: {log}; nothing was cached)"
+
+
+class SuiteVerdict(HarnessError):
+    """A verdict of fstests or unionmount-testsuite (a regression, an unmet expectation)."""
+
+    exit_code = 1
+    message = "{name}: {what}; fix: {fix} (report: {report})"

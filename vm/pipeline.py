@@ -6,7 +6,8 @@ nothing here parses command lines or prints usage.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from vm import bisect as bisect_mod
@@ -15,7 +16,7 @@ from vm.kernel import build, fetch, kconfig
 from vm.kernel.patch import Series, parse_series
 from vm.machine import guest, image
 from vm.settings import Settings
-from vm.suites import suite
+from vm.suites import fstests, suite
 from vm.suites.scenario import Expectations
 from vm.suites.suite import SuiteRequest, SuiteResult
 
@@ -94,9 +95,11 @@ def build_kernel(settings: Settings, variant: Variant, tree: fetch.Tree) -> buil
         return build.build(inputs, settings.sub("builds"), tc)
 
 
-def guest_image(settings: Settings) -> image.Image:
+def guest_image(settings: Settings, extra_packages: tuple[str, ...] = ()) -> image.Image:
+    """The guest image; ``extra_packages`` (e.g. ``ovl.suite_packages``) make another one."""
     spec = image.ImageSpec(suite=settings.image_suite or image.host_suite(),
-                           packages=tuple(image.DEFAULT_PACKAGES) + tuple(settings.image_packages),
+                           packages=(tuple(image.DEFAULT_PACKAGES) + tuple(settings.image_packages)
+                                     + tuple(p for p in extra_packages if p not in image.DEFAULT_PACKAGES)),
                            sources=image.host_sources())
     with runner.phase("guest image"):
         return image.build_image(spec, settings.sub("images"))
@@ -109,7 +112,7 @@ def run_dir(settings: Settings, label: str) -> Path:
 
 
 def boot(settings: Settings, kernel: build.Kernel, img: image.Image, run_dir: Path,
-         *, detach: bool = False) -> guest.Guest:
+         *, detach: bool = False, extra_disks: tuple = ()) -> guest.Guest:
     """Boot ``kernel`` in ``run_dir``.  A detached boot replaces the idle detached guests
     of the same variant (as `invoke boot --detach` always did); guests another harness
     process is using are left alone."""
@@ -120,7 +123,8 @@ def boot(settings: Settings, kernel: build.Kernel, img: image.Image, run_dir: Pa
                 old.stop()
                 old.release()
     with runner.phase(f"boot {kernel.label} ({kernel.release})"):
-        return guest.Guest.boot(guest.plan(settings, kernel, img, run_dir), detach=detach)
+        return guest.Guest.boot(guest.plan(settings, kernel, img, run_dir, extra=tuple(extra_disks)),
+                                detach=detach)
 
 
 def running_guests(settings: Settings) -> list[guest.Guest]:
@@ -311,3 +315,185 @@ def mutation(settings: Settings, source: str | None = None) -> tuple[SuiteResult
     filesystems = Expectations.load(settings.suite_path("expectations")).filesystems
     targeted = {f"test_row[{row}-{fs}-{PATCHED}]" for row in settings.mutation_rows for fs in filesystems}
     return result, targeted
+
+
+# --- the field's own suites: fstests and unionmount-testsuite ---------------------------
+
+SUITE_KINDS = {
+    "fstests": fetch.TreeKind("fstests tree", fstests.fstests_version,
+                              "use an fstests (xfstests-dev) tarball, e.g. ../shared/vendor/xfstests-*.tar.gz"),
+    "unionmount": fetch.TreeKind("unionmount-testsuite tree", fstests.unionmount_version,
+                                 "use a unionmount-testsuite tarball, e.g. ../shared/vendor/unionmount-testsuite-*"),
+}
+
+
+def suite_settings(settings: Settings) -> Settings:
+    """The settings of the suites' kernels: ``ovl.fragments`` + ``ovl.suite_fragments``."""
+    extra = tuple(f for f in settings.suite_fragments if f not in settings.fragments)
+    return replace(settings, fragments=settings.fragments + extra)
+
+
+def suite_source(settings: Settings, which: str) -> fetch.SourceSpec:
+    """``ovl.<which>_source`` parsed; a relative tarball:/tree: path is relative to the checkout."""
+    text = getattr(settings, f"{which}_source")
+    if not text:
+        raise errors.BadArgument(what=f"ovl.{which}_source is empty",
+                                 fix="set it to tarball:PATH#sha256=HEX or git:URL@REF in invoke.yaml")
+    prefix, sep, rest = text.partition(":")
+    if sep and prefix in ("tarball", "tree") and not rest.startswith(("/", "http://", "https://", "file:")):
+        text = f"{prefix}:{settings.project_root / rest}"
+    return fetch.SourceSpec.parse(text, settings.base)
+
+
+def suite_disk(settings: Settings, which: str) -> fstests.SuiteDisk:
+    """The suite's tree fetched (verified, cached), fstests built with patches/fstests/
+    applied, packed into a disk for the guest: reused while source and patches are."""
+    spec = suite_source(settings, which)
+    with runner.phase(f"fetch {which} ({spec.kind}:{spec.value})"):
+        try:
+            tree = fetch.fetch(spec, settings.sub("suites"), kind=SUITE_KINDS[which])
+        except errors.SourceNotFound as exc:
+            raise errors.BadArgument(what=f"{which} source {exc.fields.get('what')} not found",
+                                     fix=f"set ovl.{which}_source to the tarball's path (../shared/vendor/, "
+                                         "see its SHA256SUMS) or to its upstream git (README)") from None
+    patches = fstests.series_patches(settings.project_root / "patches" / "fstests") if which == "fstests" else []
+    return fstests.build_disk(which, tree.path, tree.key, patches, settings.sub("suites") / "builds",
+                              make=which == "fstests", jobs=settings.jobs)
+
+
+def _suite_request(settings: Settings, which: str, kernels, disk: fstests.SuiteDisk,
+                   filesystems: tuple[str, ...] = (), options: tuple[str, ...] = ()) -> SuiteRequest:
+    results = settings.results_dir / which
+    return SuiteRequest(name=which, tests=(getattr(settings.suites, which),), results_dir=results,
+                        kernels=tuple((label, k.build_dir) for label, k in kernels),
+                        image=guest_image(settings, settings.suite_packages).path, filesystems=filesystems,
+                        options=("--suite-disk", f"{which}={disk.disk}", *options))
+
+
+def fstests_run(settings: Settings, variants: list[Variant], filesystems: tuple[str, ...],
+                groups: tuple[str, ...] = (), tests: tuple[str, ...] = (),
+                mount_options: str = "") -> "fstests.Verdict":
+    """``./check -overlay`` of the selected tests on every variant and base fs, one pytest
+    session; the verdict is the regression diff of patched against baseline."""
+    unknown = sorted(set(filesystems) - set(fstests.FILESYSTEMS)) or ([] if filesystems else ["(none)"])
+    if unknown:
+        raise errors.BadArgument(what=f"unknown base filesystem(s) {', '.join(unknown)}",
+                                 fix=f"use --fs {','.join(fstests.FILESYSTEMS)} or a part of it")
+    disk = suite_disk(settings, "fstests")
+    selected = fstests.select(disk.root, groups, tests)
+    runner.echo(f"  fstests: {len(selected)} test(s) x {', '.join(filesystems)} x "
+                f"{', '.join(v.label for v in variants)}")
+    kernels = build_variants(suite_settings(settings), variants)
+    options = tuple(x for t in selected for x in ("--fstests-test", t))
+    if mount_options:
+        options += ("--fstests-mount-options", mount_options)
+    req = _suite_request(settings, "fstests", kernels, disk, filesystems, options)
+    for label, _ in kernels:
+        for fs in filesystems:
+            shutil.rmtree(req.results_dir / f"{label}-{fs}", ignore_errors=True)
+    result = suite.run(settings.project_root, req)
+    known = fstests.KnownFailures.load(settings.suite_path("known_failures") / f"{settings.base}.json")
+    verdict = fstests.judge(result.cases, known, [label for label, _ in kernels], filesystems,
+                            returncode=result.returncode)
+    verdict.write(req.results_dir, settings.results_dir / "matrix.md", settings.base)
+    return verdict
+
+
+def boot_suite_guest(settings: Settings, kernel: build.Kernel, img: image.Image,
+                     disks: dict[str, Path]) -> guest.Guest:
+    """A fresh guest for fstests/unionmount-testsuite: large sparse TEST/SCRATCH disks
+    (``ovl.suite_scratch_size_mb``) and each suite's disk as a snapshot (writable,
+    thrown away with the guest), found in the guest by its serial."""
+    from vm.machine import qemu
+
+    serials = {"fstests": fstests.FSTESTS_SERIAL, "unionmount": fstests.UNIONMOUNT_SERIAL}
+    unknown = sorted(set(disks) - set(serials))
+    if unknown:
+        raise errors.BadArgument(what=f"unknown suite disk(s) {', '.join(unknown)}",
+                                 fix=f"use {', '.join(serials)}")
+    big = replace(settings, scratch_size_mb=settings.suite_scratch_size_mb)
+    extra = tuple(qemu.Disk(Path(path), serials[name], snapshot=True) for name, path in disks.items())
+    label = "-".join(disks) + f"-{kernel.label}"
+    return boot(big, kernel, img, run_dir(settings, label), extra_disks=extra)
+
+
+def unionmount_run(settings: Settings, variants: list[Variant]) -> SuiteResult:
+    """unionmount-testsuite (``./run --ov --verify`` and ``--ov --samefs``) on every
+    variant, one pytest session (JUnit in results/unionmount/); each variant's guest is
+    its own, and the suite's mounts are cleaned up (and checked gone) after each run."""
+    disk = suite_disk(settings, "unionmount")
+    kernels = build_variants(suite_settings(settings), variants)
+    req = _suite_request(settings, "unionmount", kernels, disk)
+    result = suite.run(settings.project_root, req)
+    lines = [f"## unionmount-testsuite (base {settings.base})", "", result.counts(), ""]
+    lines += [f"- {c.name}: {c.outcome}{(': ' + c.message) if c.message else ''}" for c in result.cases]
+    fstests.merge_section(settings.results_dir / "matrix.md", "unionmount-testsuite", "\n".join(lines))
+    (req.results_dir / "report.md").write_text("\n".join(lines) + "\n")
+    return result
+
+
+def fstests_mutation(settings: Settings, filesystems: tuple[str, ...] = ("ext4", "xfs")) -> list[str]:
+    """The series without its last patch (as `invoke mutation`), judged as the full series by
+    the series' own fstests test on each fs: it must fail there (and be notrun on B).
+    Returns the problems; empty when exactly that happened."""
+    n = len(series(settings))
+    mutated, own = Variant(f"prefix-{n - 1}", n - 1), "overlay/118"
+    settings = replace(settings, results_dir=settings.results_dir / "mutation")   # beside its scenarios
+    verdict = fstests_run(settings, [Variant.parse(BASELINE), mutated], filesystems, (), (own,))
+    problems = []
+    for fs in filesystems:
+        got = verdict.results.get((mutated.label, fs), {}).get(own)
+        if got is None or got.outcome != fstests.FAILED:
+            problems.append(f"{own} on {fs} ({mutated.label}): {got.outcome if got else 'did not run'}, "
+                            "expected failed")
+        base = verdict.results.get((BASELINE, fs), {}).get(own)
+        if base is None or base.outcome != fstests.NOTRUN:
+            problems.append(f"{own} on {fs} (baseline): {base.outcome if base else 'did not run'}, expected notrun")
+    return problems
+
+
+def fstests_check(settings: Settings, variants: list[Variant], filesystems: tuple[str, ...],
+                  groups: tuple[str, ...] = (), tests: tuple[str, ...] | None = None,
+                  mount_options: str = "") -> "fstests.Verdict":
+    """:func:`fstests_run` (``tests=None`` and no group: ``ovl.fstests_ci_tests``) that
+    raises :class:`~vm.errors.SuiteVerdict` on a regression or an unmet expectation."""
+    if not groups and tests is None:
+        tests = settings.fstests_ci_tests
+    verdict = fstests_run(settings, variants, filesystems, groups, tuple(tests or ()), mount_options)
+    if not verdict.ok:
+        runner.echo(verdict.render("fstests -overlay", settings.base))
+        raise errors.SuiteVerdict(name="fstests", what="regression or unmet expectation (see above)",
+                                  fix="read the diff and results/fstests/<variant>-<fs>/",
+                                  report=settings.results_dir / "fstests" / "report.md")
+    return verdict
+
+
+def fstests_mutation_check(settings: Settings) -> None:
+    problems = fstests_mutation(settings)
+    if problems:
+        raise errors.SuiteVerdict(name="fstests mutation", what="; ".join(problems),
+                                  fix="overlay/118 must fail without the errseq patch and be notrun on B",
+                                  report=settings.results_dir / "mutation" / "fstests" / "report.md")
+    runner.echo("fstests mutation check passed: overlay/118 fails without the errseq patch")
+
+
+def peer_suite_steps(settings: Settings, full: bool = False) -> list[tuple[str, "object"]]:
+    """``invoke ci``'s fstests and unionmount-testsuite work as (title, callable) steps, so
+    a CI plan can make each a phase: ``ovl.fstests_ci_tests`` on ``ovl.fstests_ci_fs`` and
+    unionmount-testsuite on B and P of ``ovl.base``; ``full`` adds ``ovl.fstests_full_groups``
+    on ext4 and xfs and the fstests mutation check."""
+    both = [Variant.parse(BASELINE), Variant.parse(PATCHED)]
+    s = settings
+    steps = [
+        (f"fstests -overlay {', '.join(s.fstests_ci_tests)} on baseline, patched ({', '.join(s.fstests_ci_fs)})",
+         lambda: fstests_check(s, both, s.fstests_ci_fs)),
+        ("unionmount-testsuite on baseline, patched", lambda: unionmount_run(s, both).check()),
+    ]
+    if full:
+        steps += [
+            (f"fstests -overlay -g {', '.join(s.fstests_full_groups)} on baseline, patched (ext4, xfs)",
+             lambda: fstests_check(s, both, fstests.FILESYSTEMS, s.fstests_full_groups)),
+            ("fstests mutation: overlay/118 on the series without its errseq patch",
+             lambda: fstests_mutation_check(s)),
+        ]
+    return steps

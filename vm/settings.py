@@ -28,6 +28,9 @@ class SuitePaths:
     boot_failures: str = "tests/scenarios/test_boot_failures.py"   # run once, in its own CI shard
     bisect: str = "tests/bisect"
     faults: str = "tests/faults"                          # killed harness runs, concurrent runs
+    fstests: str = "tests/fstests"                        # fstests -overlay on booted guests
+    unionmount: str = "tests/unionmount"                  # unionmount-testsuite on booted guests
+    known_failures: str = "tests/fstests/known-failures"  # per-base known fstests failures, <base>.json
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,16 @@ class Settings:
     ci_full_variants: tuple[str, ...] = ()
     ci_full_rows_for: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({}))
     mutation_rows: tuple[str, ...] = ()
+    #: fstests and unionmount-testsuite (the field's own suites, see vm/suites/fstests.py)
+    fstests_source: str = ""
+    unionmount_source: str = ""
+    suite_fragments: tuple[str, ...] = ()     # kconfig fragments added for the suites' kernels
+    suite_packages: tuple[str, ...] = ()      # guest packages the suites need at run time
+    suite_scratch_size_mb: int = 16384        # sparse TEST/SCRATCH disks of the suites' guests
+    fstests_timeout: float = 600.0            # seconds one fstests test may take (TCG)
+    fstests_ci_tests: tuple[str, ...] = ()    # what `invoke ci` runs
+    fstests_ci_fs: tuple[str, ...] = ("xfs",)  # on these base filesystems
+    fstests_full_groups: tuple[str, ...] = ()  # what `invoke ci --full` adds
     suites: SuitePaths = field(default_factory=SuitePaths)
     project_root: Path = PROJECT_ROOT
 
@@ -90,6 +103,10 @@ class Settings:
             image_packages=tuple(self.image_packages),
             ci_variants=tuple(self.ci_variants), ci_full_variants=tuple(self.ci_full_variants),
             mutation_rows=tuple(self.mutation_rows),
+            suite_fragments=tuple(self.suite_fragments), suite_packages=tuple(self.suite_packages),
+            fstests_ci_tests=tuple(self.fstests_ci_tests), fstests_ci_fs=tuple(self.fstests_ci_fs),
+            fstests_full_groups=tuple(self.fstests_full_groups),
+            suite_scratch_size_mb=int(self.suite_scratch_size_mb), fstests_timeout=float(self.fstests_timeout),
             ci_rows_for=_rows_map(self.ci_rows_for, "ci_rows_for"),
             suites=_suite_paths(self.suites),
             base_sources=MappingProxyType({str(k): str(v) for k, v in dict(self.base_sources or {}).items()}),

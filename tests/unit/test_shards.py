@@ -51,9 +51,10 @@ def expected_cells(s: Settings, full: bool) -> list[str]:
     cells = ["unit:unit", *[f"lint:{b}" for b in s.bases], *[f"build:{s.base}/{v}" for v in built]]
     cells += [f"scenarios:{row}[{fs}-{v}]" for v in variants for row in (rows_for.get(v) or table.row_ids)
               for fs in table.filesystems]
-    cells += [f"smoke:{v}" for v in variants] + ["boot_failures:boot_failures", "suite:faults", "suite:bisect"]
+    cells += [f"smoke:{v}" for v in variants] + ["boot_failures:boot_failures", "fstests:" + s.base,
+                                                 "unionmount:" + s.base, "suite:faults", "suite:bisect"]
     if full:
-        cells += ["mutation:" + s.base]
+        cells += ["mutation:" + s.base, "fstests_full:" + s.base, "fstests_mutation:" + s.base]
         for b in s.bases:
             if b != s.base:
                 cells += [f"build:{b}/{v.label}" for v in pipeline.prefix_variants(s.with_base(b))]
@@ -119,12 +120,12 @@ def test_adding_a_phase_is_one_line(monkeypatch):
     s = load()
     base = ci._main_phases
 
-    def with_fstests(settings, full):
-        return base(settings, full) + [ci.Phase("fstests", "suite", "fstests on patched", suite="fstests")]
+    def with_new_suite(settings, full):
+        return base(settings, full) + [ci.Phase("new-suite", "suite", "a new suite", suite="new")]
 
-    monkeypatch.setattr(ci, "_main_phases", with_fstests)
-    assert ci.shards(ci.plan(s))[-1].name == "fstests"
-    assert "fstests" in [row["shard"] for row in ci.shard_matrix(s)["include"]]
+    monkeypatch.setattr(ci, "_main_phases", with_new_suite)
+    assert ci.shards(ci.plan(s))[-1].name == "new-suite"
+    assert "new-suite" in [row["shard"] for row in ci.shard_matrix(s)["include"]]
 
 
 def test_unknown_shard_names_the_real_ones():

@@ -59,6 +59,16 @@ _MAKEFILE_VAR_RE = re.compile(r"^(VERSION|PATCHLEVEL|SUBLEVEL|EXTRAVERSION)\s*=[
 
 
 @dataclass(frozen=True)
+class TreeKind:
+    """What a fetched tree must be: a kernel tree by default, or another source tree
+    (fstests, unionmount-testsuite) fetched, verified and cached by the same code."""
+
+    name: str                                  # "kernel tree", "fstests tree", ...
+    version: Callable[[Path], str | None]      # the tree's version, None if it is not one
+    fix: str                                   # what to use instead of a wrong tarball
+
+
+@dataclass(frozen=True)
 class Tree:
     path: Path       # the source root (contains the top-level Makefile)
     key: str         # 16 hex, stable id of the content
@@ -195,11 +205,17 @@ def _bare_spec(text: str) -> SourceSpec:
 
 def fetch(spec: SourceSpec, cache_dir: Path, *, kernelorg_mirror: str = KERNELORG_MIRROR,
           debian_src_dir: Path = Path("/usr/src"), debian_mirror: str = debarchive.DEFAULT_MIRROR,
-          debian_keyring: Path = debarchive.DEFAULT_KEYRING, progress: bool = True) -> Tree:
-    """Return a pristine kernel tree for ``spec``, reusing ``cache_dir`` when possible."""
+          debian_keyring: Path = debarchive.DEFAULT_KEYRING, progress: bool = True,
+          kind: "TreeKind | None" = None) -> Tree:
+    """Return a pristine tree for ``spec`` (a kernel tree unless ``kind`` says otherwise),
+    reusing ``cache_dir`` when possible."""
+    kind = kind or KERNEL
     if spec.kind == "tree":
-        return _fetch_tree(spec)
-    cache = Cache(Path(cache_dir))
+        return _fetch_tree(spec, kind)
+    if kind is not KERNEL and spec.kind not in ("tarball", "git"):
+        raise errors.BadArgument(what=f"a {kind.name} cannot come from a {spec.kind}: source",
+                                 fix="use tarball:PATH_OR_URL[#sha256=HEX], git:URL@REF or tree:DIR")
+    cache = Cache(Path(cache_dir), kind)
     with cache.locked():
         cache.clean_stale()
         if spec.kind == "debian":
@@ -222,6 +238,7 @@ def fetch(spec: SourceSpec, cache_dir: Path, *, kernelorg_mirror: str = KERNELOR
 @dataclass(frozen=True)
 class Cache:
     root: Path
+    kind: "TreeKind | None" = None     # None: a kernel tree
 
     @property
     def downloads(self) -> Path:
@@ -261,7 +278,7 @@ class Cache:
         entry = self.trees / key
         if not entry.exists():
             return None
-        root = _single_kernel_dir(entry)
+        root = _single_tree_dir(entry, self.kind or KERNEL)
         if root is None:
             echo(f"discarding unusable cache entry {entry}")
             self.discard(entry)
@@ -310,11 +327,11 @@ class Cache:
             tarball.unlink(missing_ok=True)
 
 
-def _single_kernel_dir(entry: Path) -> Path | None:
+def _single_tree_dir(entry: Path, kind: "TreeKind") -> Path | None:
     if not entry.is_dir() or entry.is_symlink():
         return None
     dirs = [d for d in entry.iterdir() if d.is_dir() and not d.name.startswith(".")]
-    if len(dirs) == 1 and read_version(dirs[0]) is not None:
+    if len(dirs) == 1 and kind.version(dirs[0]) is not None:
         return dirs[0]
     return None
 
@@ -349,16 +366,22 @@ def read_version(root: Path) -> str | None:
     return f"{found['VERSION']}.{found['PATCHLEVEL']}{sub}{found.get('EXTRAVERSION', '')}"
 
 
+KERNEL = TreeKind("kernel tree", read_version, "use a Linux kernel source tarball")
+
+
 # --- tree in place -----------------------------------------------------------
 
-def _fetch_tree(spec: SourceSpec) -> Tree:
+def _fetch_tree(spec: SourceSpec, kind: "TreeKind") -> Tree:
     root = Path(spec.value)
     if not root.is_dir():
         raise errors.SourceNotFound(what=f"directory {root}", fix="check the path given to tree:")
-    version = read_version(root)
-    if version is None:
+    version = kind.version(root)
+    if version is None and kind is KERNEL:
         raise errors.SourceNotFound(what=f"tree {root} (no top-level Makefile with VERSION/PATCHLEVEL)",
                                     fix="point tree: at the root of a kernel source tree")
+    if version is None:
+        raise errors.SourceNotFound(what=f"{kind.name} {root} (not recognised as one)",
+                                    fix=f"point tree: at the root of a {kind.name}")
     return Tree(root, tree_fingerprint(root), version, f"tree:{root}", True)
 
 
@@ -423,14 +446,14 @@ def _tree_from_tarball(cache: Cache, tarball: Path, sha: str, origin: str, progr
     key = sha[:16]
     root = cache.lookup(key)
     if root is None:
-        root, _ = cache.build(lambda tmp: (extract(tarball, tmp, progress=progress), key))
+        root, _ = cache.build(lambda tmp: (extract(tarball, tmp, progress=progress, kind=cache.kind), key))
     else:
         echo(f"reusing cached tree {root}")
-    return _cached_tree(root, key, origin)
+    return _cached_tree(root, key, origin, cache.kind)
 
 
-def _cached_tree(root: Path, key: str, origin: str) -> Tree:
-    version = read_version(root)
+def _cached_tree(root: Path, key: str, origin: str, kind: "TreeKind | None" = None) -> Tree:
+    version = (kind or KERNEL).version(root)
     assert version is not None  # checked before publishing
     return Tree(root, key, version, origin, False)
 
@@ -480,7 +503,7 @@ def _fetch_url(cache: Cache, url: str, sha: str | None, origin: str, progress: b
         root = cache.lookup(sha[:16])
         if root is not None:
             echo(f"reusing cached tree {root}")
-            return _cached_tree(root, sha[:16], origin)
+            return _cached_tree(root, sha[:16], origin, cache.kind)
     name = _url_file_name(url)
     tarball = cache.download_path(name, sha) if sha else None
     if tarball is None or not tarball.is_file():
@@ -811,8 +834,9 @@ class _Archive:
 
 # --- extraction --------------------------------------------------------------
 
-def extract(tarball: Path, dest: Path, *, progress: bool = True) -> Path:
-    """Safely extract a one-top-dir kernel tarball into ``dest``; return the kernel root.
+def extract(tarball: Path, dest: Path, *, progress: bool = True, kind: "TreeKind | None" = None) -> Path:
+    """Safely extract a one-top-dir tarball (a kernel tree unless ``kind`` says otherwise)
+    into ``dest``; return the tree's root.
 
     Uses :mod:`tarfile` with the ``data`` filter plus stricter checks (no
     absolute names, no ``..``, a single top-level directory).  On error the
@@ -837,7 +861,10 @@ def extract(tarball: Path, dest: Path, *, progress: bool = True) -> Path:
         raise errors.ExtractFailed(path=tarball, dest=dest, reason=exc.strerror or str(exc),
                             fix="check free space and permissions of the cache dir") from exc
     root = dest / guard.top_name(tarball)
-    if read_version(root) is None:
+    if kind is not None and kind is not KERNEL:
+        if kind.version(root) is None:
+            raise errors.CorruptTarball(path=tarball, reason=f"not a {kind.name}", fix=kind.fix)
+    elif read_version(root) is None:
         raise errors.CorruptTarball(path=tarball, reason="not a kernel tree: no VERSION/PATCHLEVEL "
                                     "in the top-level Makefile", fix="use a Linux kernel source tarball")
     if progress:
@@ -899,20 +926,20 @@ def _fetch_git(cache: Cache, spec: SourceSpec, progress: bool) -> Tree:
         root = cache.lookup(key)
         if root is not None:
             echo(f"reusing cached tree {root} ({commit[:12]})")
-            return _cached_tree(root, key, f"{origin} ({commit[:12]})")
+            return _cached_tree(root, key, f"{origin} ({commit[:12]})", cache.kind)
     commits: list[str] = []
+    kind = cache.kind or KERNEL
 
     def make(tmp: Path) -> tuple[Path, str]:
-        work = tmp / "linux"
+        work = tmp / ("linux" if kind is KERNEL else "src")
         commits.append(_git_checkout(work, url, ref, progress))
-        if read_version(work) is None:
-            raise errors.BadArgument(what=f"{url}@{ref} is not a kernel tree (no VERSION/PATCHLEVEL "
-                                     "in the top-level Makefile)",
-                                     fix="point git: at a Linux kernel repository")
+        if kind.version(work) is None:
+            raise errors.BadArgument(what=f"{url}@{ref} is not a {kind.name}",
+                                     fix=f"point git: at the right repository ({kind.fix})")
         return work, _git_key(url, commits[0])
 
     root, key = cache.build(make)
-    return _cached_tree(root, key, f"{origin} ({commits[0][:12]})")
+    return _cached_tree(root, key, f"{origin} ({commits[0][:12]})", cache.kind)
 
 
 def _git_key(url: str, commit: str) -> str:

@@ -150,7 +150,7 @@ def qemu_pids(run_dir: Path) -> list[int]:
 
 
 def plan(settings: Settings, kernel: Kernel, image: Image, run_dir: Path,
-         accel: qemu.Accel | None = None) -> BootPlan:
+         accel: qemu.Accel | None = None, extra: tuple[qemu.Disk, ...] = ()) -> BootPlan:
     arch = qemu.ARCHES[settings.arch]
     run_dir.mkdir(parents=True, exist_ok=True)
     if not claim(run_dir):
@@ -173,7 +173,7 @@ def plan(settings: Settings, kernel: Kernel, image: Image, run_dir: Path,
         scratch=tuple(scratch), console_log=run_dir / "console.log",
         ssh_port=qemu.free_port(),
         pubkey_b64=base64.b64encode(pubkey.encode()).decode(),
-        accel=accel, memory_mb=settings.memory_mb, cpus=settings.cpus)
+        accel=accel, memory_mb=settings.memory_mb, cpus=settings.cpus, extra=tuple(extra))
     return BootPlan(spec, run_dir, key_path, kernel.label, kernel.release,
                     settings.boot_timeout * accel.timeout_factor,
                     accel_cache=settings.sub("accel"), probe_timeout=settings.kvm_probe_timeout)
@@ -408,7 +408,8 @@ def plan_from_dict(data: dict) -> BootPlan:
                      console_log=Path(spec["console_log"]), ssh_port=int(spec["ssh_port"]),
                      pubkey_b64=spec["pubkey_b64"], accel=qemu.Accel(**spec["accel"]),
                      memory_mb=int(spec["memory_mb"]), cpus=int(spec["cpus"]),
-                     cmdline_extra=tuple(spec["cmdline_extra"]))
+                     cmdline_extra=tuple(spec["cmdline_extra"]),
+                     extra=tuple(disk(d) for d in spec.get("extra", ())))
     return BootPlan(spec=vm, run_dir=Path(data["run_dir"]), key_path=Path(data["key_path"]),
                     kernel_label=data["kernel_label"], kernel_release=data["kernel_release"],
                     boot_timeout=float(data["boot_timeout"]),

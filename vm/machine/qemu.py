@@ -85,6 +85,8 @@ class VMSpec:
     memory_mb: int = 2048
     cpus: int = 2
     cmdline_extra: tuple[str, ...] = field(default_factory=tuple)
+    #: further disks after the scratch disks (a test suite's tree, e.g. fstests)
+    extra: tuple[Disk, ...] = ()
 
     def kernel_cmdline(self) -> str:
         parts = [f"console={self.arch.console},115200", "root=/dev/vda", "rootfstype=ext4", "rw",
@@ -104,7 +106,7 @@ class VMSpec:
                 "-device", "virtio-rng-pci",
                 *self.arch.extra_args]
         # The root disk must be the first virtio disk: root=/dev/vda.
-        for index, disk in enumerate((self.root, self.modules, *self.scratch)):
+        for index, disk in enumerate((self.root, self.modules, *self.scratch, *self.extra)):
             args += disk.qemu_args(index)
         return args
 

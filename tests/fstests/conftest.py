@@ -1,0 +1,124 @@
+"""fstests ``./check -overlay`` on booted guests, one pytest case per fstests test.
+
+Ids read ``test_fstests[overlay/118-xfs-patched]``: test x base fs come from
+``--fstests-test`` and ``--fs``, the kernel is the session's ``variant``.  The
+guest is this directory's own (``guest`` below): the suite image
+(``ovl.suite_packages``), large sparse TEST/SCRATCH disks and the fstests disk
+(``--suite-disk fstests=PATH``, a snapshot: writable, thrown away).  A test that
+hangs past ``ovl.fstests_timeout`` kills the guest; the next test boots it again.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from vm import pipeline
+from vm.machine import console
+from vm.machine import guest as guest_mod
+from vm.machine.image import Image
+from vm.suites import fstests, scenario
+
+SUITE = "fstests"
+
+
+def suite_disks(config) -> dict[str, Path]:
+    found = {}
+    for item in config.getoption("--suite-disk"):
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise pytest.UsageError(f"--suite-disk {item!r}: expected NAME=PATH")
+        found[name] = Path(path)
+    return found
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_generate_tests(metafunc):
+    if "fstest" in metafunc.fixturenames:
+        tests = metafunc.config.getoption("--fstests-test")
+        metafunc.parametrize("fstest", tests, ids=tests)
+    if "fs" in metafunc.fixturenames:
+        wanted = metafunc.config.getoption("--fs") or list(fstests.FILESYSTEMS)
+        unknown = sorted(set(wanted) - set(fstests.FILESYSTEMS))
+        if unknown:
+            raise pytest.UsageError(f"--fs {', '.join(unknown)}: use {', '.join(fstests.FILESYSTEMS)}")
+        metafunc.parametrize("fs", wanted, ids=wanted)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(session, config, items):
+    # one boot per variant, one mkfs per (variant, fs): group the items so
+    order: dict[tuple, int] = {}
+
+    def rank(item):
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        v = order.setdefault(("v", params.get("variant")), len(order))
+        return (v, params.get("fs", ""))
+
+    items[:] = sorted(items, key=rank)
+
+
+@pytest.fixture(scope="session")
+def guest_image(request, settings):
+    given = request.config.getoption("--image")
+    if given:
+        return Image(Path(given), "given")
+    return pipeline.guest_image(settings, settings.suite_packages)
+
+
+@pytest.fixture(scope="session")
+def guest(request, variant, kernel, guest_image, settings, results_dir):
+    """A fresh guest of ``kernel`` for the suite (never a detached one: a clean guest)."""
+    g = pipeline.boot_suite_guest(settings, kernel, guest_image, {SUITE: suite_disks(request.config)[SUITE]})
+    g.suite_state = {}
+    try:
+        yield g
+    finally:
+        shutil.copy2(g.plan.spec.console_log, results_dir / f"console-{kernel.label}.log")
+        g.stop()
+        g.release()
+
+
+class HungGuest:
+    """What a test does with a guest that stopped answering."""
+
+    def __init__(self, g) -> None:
+        self.g = g
+
+    def console_tail(self, lines: int = 25) -> str:
+        return "\n".join(console.last_lines(self.g.plan.spec.console_log, lines))
+
+    def restart(self) -> None:
+        """Kill QEMU and boot the same plan again (the disks are prepared again)."""
+        g = self.g
+        g.stop()
+        fresh = guest_mod.Guest.boot(g.plan, detach=False)
+        g.plan, g.pid, g.proc, g.conn = fresh.plan, fresh.pid, fresh.proc, fresh.conn
+        g.suite_state = {}
+
+
+@pytest.fixture
+def hung_guest(guest) -> HungGuest:
+    return HungGuest(guest)
+
+
+@pytest.fixture
+def fstests_env(request, guest, fs):
+    """The guest ready for ``./check -overlay`` on base fs ``fs`` (prepared once per fs)."""
+    state = guest.suite_state
+    if state.get("fs") != fs:
+        test_dev = scenario.disk_by_serial(guest, "ovlscratch0")
+        scratch_dev = scenario.disk_by_serial(guest, "ovlscratch1")
+        if not state.get("mounted"):
+            disk = scenario.disk_by_serial(guest, fstests.FSTESTS_SERIAL)
+            guest.run(["sh", "-c", f"mkdir -p {fstests.FSTESTS_DIR} && mount {disk} {fstests.FSTESTS_DIR}"],
+                      check=True)
+            state["mounted"] = True
+        guest.run(fstests.prepare_argv(fs, test_dev, scratch_dev), check=True, timeout=600)
+        opts = request.config.getoption("--fstests-mount-options")
+        guest.conn.put_text(f"{fstests.FSTESTS_DIR}/local.config",
+                            fstests.local_config(fs, test_dev, scratch_dev, opts))
+        state["fs"] = fs
+    return state
