@@ -339,3 +339,45 @@ def _merged(merged: merging.Merged, out: Path) -> None:
 ns = Collection(setup, fetch, build, image, boot, ssh, stop, test, unit, lint, cover_letter, mutation,
                 matrix, bisect, ci, report, fstests, unionmount)
 ns.configure({"ovl": {}})
+
+
+# --- the series as a git branch (issue 13): `invoke series checkout|export --tree DIR` ---------------
+
+SERIES_ACTIONS = ("checkout", "export")
+
+
+@harness_task(positional=["action"], help={
+    "action": "checkout: patches/<base>/ as a git branch (git am + a b4 cover-letter commit) in a linked "
+              "worktree of --tree; export: that branch back into patches/<base>/, then the lint",
+    "tree": "your kernel git clone (never checked out: the branch lives in a linked worktree)",
+    "base": BASE_HELP,
+    "onto": "checkout: commit to apply the series on (default: the tag of the base's version, e.g. v7.2.13)",
+    "worktree": "checkout: where the worktree goes (default: <cache>/series/<clone>-<base>)",
+    "force": "checkout: throw away an existing branch b4/ovl-volatile-<base> and its worktree",
+    "branch": "export: the series branch (default: b4/ovl-volatile-<base>)",
+    "no_lint": "export: skip checkpatch and the cover letter check",
+    "source": "kernel source of the base (see `invoke fetch --help`)"})
+def series(c, action, tree, base=None, onto=None, worktree=None, force=False, branch=None, no_lint=False,
+           source=None):
+    """The series as a git branch: `invoke series checkout --tree DIR`, edit, `invoke series export --tree DIR`."""
+    from vm import devloop
+
+    if action not in SERIES_ACTIONS:
+        raise errors.BadArgument(what=f"unknown series action {action!r}", fix="use checkout or export")
+    s = settings_of(c, base=base)
+    repo = Path(tree).expanduser().resolve()
+    if action == "checkout":
+        done = devloop.series_checkout(s, repo, onto=onto, worktree=Path(worktree) if worktree else None,
+                                       force=force, source=source)
+        print(f"branch {done.branch} checked out in {done.worktree} ({done.patches} patches on "
+              f"{done.onto[:12]}); edit, commit, `git rebase -i {done.cover[:12]}`, `b4 prep`; "
+              f"then `invoke series export --tree {tree}`")
+        return
+    res = devloop.series_export(s, repo, branch=branch, lint=not no_lint, source=source)
+    ex = res.exported
+    print(f"{s.patches_dir}: {len(ex.written)} written, {len(ex.kept)} unchanged, {len(ex.removed)} removed, "
+          f"series file {'rewritten' if ex.series_file_changed else 'unchanged'}, cover letter "
+          f"{'re-rendered' if res.cover_written else 'unchanged'}")
+
+
+ns.add_task(series)

@@ -304,3 +304,28 @@ class SuiteVerdict(HarnessError):
 
     exit_code = 1
     message = "{name}: {what}; fix: {fix} (report: {report})"
+
+# --- the series as a git branch (invoke series) -----------------------------
+
+class GitIdentityMissing(UserError):
+    message = ("git has no {what} in {repo} (commits and patches need the sender's identity); "
+               "fix: git -C {repo} config user.name 'Your Name' && git -C {repo} config user.email you@example.org")
+
+
+class SeriesBranchExists(UserError):
+    message = ("branch {branch} already exists in {repo}{where}; fix: work in it and "
+               "`invoke series export`, or pass --force to throw it away and check the series out again")
+
+
+class SeriesBranchMissing(UserError):
+    message = "{what} in {repo}; fix: {fix}"
+
+
+class GitAmFailed(UserError):
+    message = ("{patch} does not apply with `git am` onto {onto} ({detail}); fix: pass --onto the commit "
+               "the series is based on (its tag, e.g. v7.2.13); nothing was left behind")
+
+
+class UserTreeChanged(InfraError):
+    message = ("`invoke series` changed the checkout of {repo} ({what}); fix: this is a harness bug, "
+               "inspect the tree (`git status`, `git worktree list`) and report it")

@@ -20,6 +20,8 @@ LAYERS = {
     "vm.kernel": 2, "vm.suites": 2, "vm.machine": 3,
     "vm.pipeline": 5, "vm.bisect": 4, "vm.ci": 6, "tasks": 7,
 }
+#: the developer's loop (invoke series, issue 13) is a workflow built on vm.pipeline
+LAYERS["vm.devloop"] = 5.5
 MAX_FUNCTION_LINES = 60
 
 
