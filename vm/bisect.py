@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from vm import errors, runner
-from vm.kernel import build, kconfig
+from vm.kernel import build, gitseries, kconfig
 from vm.kernel.fetch import read_version
 from vm.kernel.patch import apply_patch, parse_series
 from vm.settings import Settings
@@ -72,20 +72,11 @@ def git(repo: Path, *args: str, check: bool = True, quiet: bool = True) -> runne
 
 
 def toplevel(tree: Path) -> Path:
-    res = runner.run(["git", "-C", tree, "rev-parse", "--show-toplevel"], check=False, quiet=True)
-    if not tree.is_dir() or not res.ok:
-        raise errors.BadArgument(what=f"--tree {tree} is not a git work tree",
-                                 fix="pass the top of a clone, e.g. of "
-                                     "git://git.kernel.org/pub/scm/linux/kernel/git/torvalds/linux.git")
-    return Path(res.stdout.strip())
+    return gitseries.toplevel(tree, fix="pass the top of a clone, e.g. of "
+                                        "git://git.kernel.org/pub/scm/linux/kernel/git/torvalds/linux.git")
 
 
-def resolve(repo: Path, ref: str, what: str) -> str:
-    res = git(repo, "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}", check=False)
-    if not res.ok:
-        raise errors.BadArgument(what=f"{what} {ref!r} is not a commit in {repo}",
-                                 fix="pass a commit, tag or branch that exists there (`git fetch` it first)")
-    return res.stdout.strip()
+resolve = gitseries.resolve
 
 
 def subject(repo: Path, commit: str) -> str:

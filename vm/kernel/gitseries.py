@@ -56,11 +56,11 @@ def git(repo: Path, *args: str, check: bool = True, quiet: bool = True, input: s
     return runner.run(["git", "-C", repo, *args], check=check, quiet=quiet, input=input)
 
 
-def toplevel(tree: Path) -> Path:
+def toplevel(tree: Path, fix: str = "pass the top of your kernel clone (e.g. of the stable tree)") -> Path:
+    """The top of the git work tree ``tree`` is in (shared with :mod:`vm.bisect`)."""
     res = runner.run(["git", "-C", tree, "rev-parse", "--show-toplevel"], check=False, quiet=True)
     if not tree.is_dir() or not res.ok:
-        raise errors.BadArgument(what=f"--tree {tree} is not a git work tree",
-                                 fix="pass the top of your kernel clone (e.g. of the stable tree)")
+        raise errors.BadArgument(what=f"--tree {tree} is not a git work tree", fix=fix)
     return Path(res.stdout.strip())
 
 
