@@ -327,6 +327,12 @@ SUITE_KINDS = {
 }
 
 
+def boot_rng_settings(settings: Settings) -> Settings:
+    """The settings of the boot-id kernel (review finding 2): ``ovl.fragments`` + ``ovl.boot_rng_fragment``."""
+    extra = () if settings.boot_rng_fragment in settings.fragments else (settings.boot_rng_fragment,)
+    return replace(settings, fragments=settings.fragments + extra)
+
+
 def suite_settings(settings: Settings) -> Settings:
     """The settings of the suites' kernels: ``ovl.fragments`` + ``ovl.suite_fragments``."""
     extra = tuple(f for f in settings.suite_fragments if f not in settings.fragments)

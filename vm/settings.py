@@ -26,6 +26,7 @@ class SuitePaths:
     expectations: str = "tests/scenarios/expectations.json"
     bases: str = "tests/scenarios/bases"                  # per-base differences, <base>.json
     boot_failures: str = "tests/scenarios/test_boot_failures.py"   # run once, in its own CI shard
+    boot_id: str = "tests/rng"                            # review finding 2: boot id and an unseeded RNG
     bisect: str = "tests/bisect"
     faults: str = "tests/faults"                          # killed harness runs, concurrent runs
     fstests: str = "tests/fstests"                        # fstests -overlay on booted guests
@@ -44,6 +45,8 @@ class Settings:
     results_dir: Path = Path("results")
     fragments: tuple[str, ...] = ("base",)
     debug_fragment: str = "debug"
+    #: added for the boot-id kernel (review finding 2): overlayfs built in, boot-time kprobe events
+    boot_rng_fragment: str = "boot-rng"
     jobs: int = 0
     ccache: bool = True
     kernelorg_mirror: str = "https://cdn.kernel.org/pub/linux/kernel"

@@ -54,7 +54,7 @@ def expected_cells(s: Settings, full: bool) -> list[str]:
     cells += [f"smoke:{v}" for v in variants] + ["boot_failures:boot_failures", "suite:faults", "suite:bisect"]
     if full:
         cells += ["mutation:" + s.base, "fstests:" + s.base, "unionmount:" + s.base,
-                  "fstests_full:" + s.base, "fstests_mutation:" + s.base]
+                  "fstests_full:" + s.base, "boot_id:boot_id", "fstests_mutation:" + s.base]
         for b in s.bases:
             if b != s.base:
                 cells += [f"build:{b}/{v.label}" for v in pipeline.prefix_variants(s.with_base(b))]
