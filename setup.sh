@@ -14,6 +14,9 @@ PKGS=(
 	qemu-system-x86 qemu-utils mmdebstrap e2fsprogs xfsprogs
 	openssh-client openssh-server
 	gpgv debian-archive-keyring gpg gpg-agent
+	# b4: `invoke series checkout` makes branches `b4 prep`/`b4 send` work on;
+	# tests/unit/test_gitseries.py checks b4 understands them
+	b4
 	# fstests (xfstests), built on the host and shipped to the guest: its
 	# Debian build dependencies (README "Building")
 	autoconf automake libtool gawk libacl1-dev libattr1-dev libaio-dev libcap-dev
