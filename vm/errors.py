@@ -155,11 +155,11 @@ class LintFailed(UserError):
 class StaleCoverLetter(UserError):
     """``path`` is patches/<base>/0000-cover-letter.patch; the fix names that base."""
 
-    message = ("{path} does not match the series; "
+    message = ("{path} does not match the series{why}; "
                "fix: run `invoke cover-letter --base {base}` and commit the result")
 
-    def __init__(self, *, path: object, **kwargs: object) -> None:
-        super().__init__(path=path, base=Path(str(path)).parent.name, **kwargs)
+    def __init__(self, *, path: object, why: str = "", **kwargs: object) -> None:
+        super().__init__(path=path, base=Path(str(path)).parent.name, why=f" ({why})" if why else "", **kwargs)
 
 
 # --- ssh -------------------------------------------------------------------

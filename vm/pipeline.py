@@ -212,8 +212,10 @@ def check_cover_letter(settings: Settings, tree: fetch.Tree) -> Path:
 
     path = settings.patches_dir / series_tools.COVER_NAME
     fresh = cover_letter(settings, tree)
-    if not path.is_file() or path.read_text() != fresh:
-        raise errors.StaleCoverLetter(path=path)
+    if not path.is_file():
+        raise errors.StaleCoverLetter(path=path, why="it does not exist")
+    if path.read_text() != fresh:
+        raise errors.StaleCoverLetter(path=path, why=series_tools.stale_reason(path.read_text(), tree.version))
     return path
 
 

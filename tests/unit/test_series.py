@@ -212,3 +212,13 @@ def test_recipients_are_grouped_and_rendered(tmp_path):
                     series_tools.Recipients("0002-b.patch", ("Miklos <m@example.org>",))])
     assert "Cc: Al <viro@example.org>,\n    linux-fsdevel@vger.kernel.org,\n    Miklos <m@example.org>\n" in text
     assert "  patch 1:\n    Al <viro@example.org>\n    linux-fsdevel@vger.kernel.org\n  patch 2:\n" in text
+
+
+def test_stale_reason_names_a_moved_base():
+    text = "x\nBase: Linux 6.12.117 (Debian linux-source-6.12)\n"
+    why = series_tools.stale_reason(text, "6.12.118")
+    assert "Linux 6.12.117" in why and "Linux 6.12.118" in why
+    assert series_tools.stale_reason(text, "6.12.117") == ""
+    assert series_tools.stale_reason("no base line\n", "6.12.118") == ""
+    err = errors.StaleCoverLetter(path=Path("patches/6.12/0000-cover-letter.patch"), why=why)
+    assert "(it names Linux 6.12.117" in str(err) and "--base 6.12" in str(err)

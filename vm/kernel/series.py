@@ -223,3 +223,14 @@ def _recipient_groups(series: Series, recipients) -> list[dict]:
     for g in groups:
         g["patches"] = str(g["first"]) if g["first"] == g["last"] else f"{g['first']}-{g['last']}"
     return groups
+
+
+def stale_reason(cover_text: str, tree_version: str) -> str:
+    """Why a committed cover letter differs from a fresh rendering, when it can be told:
+    a distribution's source package moves to a new point release under an unchanged
+    series (Debian's linux-source-6.12 went from 6.12.117 to 6.12.118)."""
+    found = re.search(r"^Base: Linux (\S+)", cover_text, re.M)
+    if found and found.group(1) != tree_version:
+        return (f"it names Linux {found.group(1)}, the tree is Linux {tree_version}: the source moved on; "
+                f"check the series still applies and passes there")
+    return ""
