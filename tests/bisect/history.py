@@ -86,8 +86,9 @@ def _git(repo: Path, *args: str, when: int = 0) -> str:
                            *args], env=env, check=True, capture_output=True, text=True).stdout.strip()
 
 
-def make_history(pristine: Path, dest: Path) -> History:
-    """The repository at ``dest`` (made from ``pristine`` if it does not exist yet)."""
+def make_history(pristine: Path, dest: Path, edits: tuple[Edit, ...] = EDITS) -> History:
+    """The repository at ``dest`` (made from ``pristine`` if it does not exist yet): the import
+    commit, then ``edits`` (none: the import commit alone, e.g. for the series round trip)."""
     if not (dest / ".git").is_dir():
         tmp = dest.with_name(dest.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -96,11 +97,11 @@ def make_history(pristine: Path, dest: Path) -> History:
         _git(tmp, "init", "-q", "-b", "master")
         _git(tmp, "add", "-A", "-f", ".")
         _git(tmp, "commit", "-q", "-m", f"Import {pristine.name}", when=0)
-        for n, edit in enumerate(EDITS, 1):
+        for n, edit in enumerate(edits, 1):
             edit.apply(tmp)
             _git(tmp, "commit", "-q", "-a", "-m", edit.subject, when=n)
         tmp.rename(dest)
     shas = _git(dest, "rev-list", "--reverse", "master").split()
-    if len(shas) != len(EDITS) + 1:
+    if len(shas) != len(edits) + 1:
         raise RuntimeError(f"{dest} is not the expected history ({len(shas)} commits); remove it")
     return History(dest, shas[0], tuple(shas[1:]))

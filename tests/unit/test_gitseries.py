@@ -215,3 +215,64 @@ def test_essence_ignores_only_ids_and_signature():
     assert gitseries.essence(a) == gitseries.essence(b)
     assert gitseries.essence(a) != gitseries.essence(a.replace("+a", "+b"))
     assert json.dumps(gitseries.parse_cover("t\n\n" + gitseries.MARKER + "\n# n\n{\"x\": 1}\n")[1]) == '{"x": 1}'
+
+
+# A hunk of patches/7.2/0001 as stored (default diff driver: the label `retry:`) and as
+# `git format-patch` writes it in a kernel clone, whose .gitattributes says `*.[ch] diff=cpp`.
+_HUNK_STORED = """\
+From 1111111111111111111111111111111111111111 Mon Sep 17 00:00:00 2001
+Subject: [PATCH 1/4] fs: add s_instance_id to struct super_block
+
+@@ -1,2 +1,2 @@ retry: is what the message says, not a hunk
+---
+diff --git a/fs/super.c b/fs/super.c
+index 1234567..89abcde 100644
+--- a/fs/super.c
++++ b/fs/super.c
+@@ -773,6 +775,7 @@ retry:
+ 	s->s_type = fc->fs_type;
+ 	s->s_iflags |= fc->s_iflags;
+ 	strscpy(s->s_id, s->s_type->name, sizeof(s->s_id));
++	s->s_instance_id = ++sb_instance_id_last;
+ 	list_add_tail(&s->s_list, &super_blocks);
+ 	hlist_add_head(&s->s_instances, &s->s_type->fs_supers);
+ 	spin_unlock(&sb_lock);
+@@ -790,2 +793,2 @@
+-a
++b
+"""
+
+
+def test_essence_ignores_the_function_context_of_hunk_headers():
+    cpp = _HUNK_STORED.replace("@@ -773,6 +775,7 @@ retry:",
+                               "@@ -773,6 +775,7 @@ struct super_block *sget_fc(struct fs_context *fc,")
+    assert cpp != _HUNK_STORED
+    assert gitseries.essence(cpp) == gitseries.essence(_HUNK_STORED)
+    assert gitseries.essence(_HUNK_STORED.replace("@@ -790,2 +793,2 @@\n", "@@ -790,2 +793,2 @@ out:\n")) \
+        == gitseries.essence(_HUNK_STORED)
+
+
+@pytest.mark.parametrize("change", [
+    ("@@ -773,6 +775,7 @@ retry:", "@@ -774,6 +776,7 @@ retry:"),               # the hunk moved
+    ("@@ -773,6 +775,7 @@ retry:", "@@ -773,6 +775,7 @@retry:"),               # not a header any more
+    ("+\ts->s_instance_id = ++sb_instance_id_last;", "+\ts->s_instance_id = sb_instance_id_last++;"),
+    (" \ts->s_type = fc->fs_type;", " \ts->s_type = fc->fs_type; "),            # a context line
+    ("@@ -1,2 +1,2 @@ retry: is what", "@@ -1,2 +1,2 @@ out: is what"),       # the message, before the diff
+])
+def test_essence_still_sees_every_real_change_of_a_hunk(change):
+    old, new = change
+    assert old in _HUNK_STORED
+    assert gitseries.essence(_HUNK_STORED.replace(old, new)) != gitseries.essence(_HUNK_STORED)
+
+
+def test_export_keeps_a_patch_whose_hunk_headers_name_other_functions(toy, tmp_path):
+    repo, patches = toy
+    # the stored patch was written with another diff driver: same hunk, other function name
+    first = sorted(patches.glob("0001-*.patch"))[0]
+    first.write_text(first.read_text().replace("@@ -1 +1 @@\n", "@@ -1 +1 @@ int a;\n"))
+    assert "@@ -1 +1 @@ int a;\n" in first.read_text()
+    before = _snapshot(patches)
+    _checkout(repo, patches, tmp_path)
+    done = gitseries.export(repo, "b4/ovl-volatile-toy", patches)
+    assert not done.changed and first.name in done.kept
+    assert _snapshot(patches) == before

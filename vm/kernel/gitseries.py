@@ -13,7 +13,9 @@ then every patch by ``git am`` (author, author date and message kept).
 cover commit into ``patches/<base>/`` and its ``series`` file.  It is
 deterministic: a file whose patch did not change (same headers, author date,
 message and hunks; only the commit id on its first line, the abbreviated
-``index`` ids or the git version in the signature differ) is kept byte for
+``index`` ids, the function names git writes after a hunk's ``@@ ... @@`` (they
+depend on the clone's ``.gitattributes``) or the git version in the signature
+differ) is kept byte for
 byte, so an untouched round trip changes nothing, and a rebase does not churn
 every file.
 """
@@ -303,17 +305,32 @@ def export(tree: Path, branch: str, dest: Path) -> Exported:
 
 _INDEX = re.compile(r"^index [0-9a-f]+\.\.[0-9a-f]+( [0-7]+)?$")
 _FROM_LINE = re.compile(r"^From [0-9a-f]{40} Mon Sep 17 00:00:00 2001$")
+#: a hunk header: its ranges (kept) and the function-context text git writes after them (dropped)
+_HUNK = re.compile(r"^(@@ -\d+(?:,\d+)? \+\d+(?:,\d+)? @@)(?: .*)?$")
 
 
 def essence(text: str) -> str:
-    """What makes a patch: without the commit id line, the ``index`` lines and the signature."""
+    """What makes a patch: without the commit id line, the ``index`` lines, the signature
+    and the function context of the hunk headers.
+
+    That context (``@@ -773,6 +775,7 @@ retry:``) is a hint for the reader that ``git
+    apply`` ignores, and git writes it from the file's diff driver: in a kernel clone
+    ``.gitattributes`` says ``*.[ch] diff=cpp`` (``sget_fc(...)`` instead of ``retry:``),
+    elsewhere the default.  The ranges, and every line of every hunk, still count."""
     lines = text.splitlines()
     if lines and _FROM_LINE.match(lines[0]):
         lines = lines[1:]
     tail = [i for i, line in enumerate(lines) if line == "-- "]
     if tail and len(lines) - tail[-1] <= 3:
         lines = lines[:tail[-1]]
-    return "\n".join(line for line in lines if not _INDEX.match(line))
+    out, in_diff = [], False
+    for line in lines:
+        in_diff = in_diff or line.startswith("diff --git ")
+        if _INDEX.match(line):
+            continue
+        hunk = _HUNK.match(line) if in_diff else None
+        out.append(hunk.group(1) if hunk else line)
+    return "\n".join(out)
 
 
 def _install(tmp: Path, dest: Path, names: list[str]) -> tuple[list[str], list[str]]:
