@@ -170,8 +170,19 @@ def _rows_for(text: str | None) -> dict[str, tuple[str, ...]]:
                     "base": BASE_HELP})
 def test(c, variants="baseline,patched", keep_vm=False, k=None, debug=False, source=None, rows_for=None,
          base=None):
-    """Run the scenario suite on booted guests (building what is missing)."""
+    """Run the scenario suite on booted guests (building what is missing).  With --source
+    tree:DIR on a series branch (`invoke series checkout`): DIR as P, its base commit as B."""
+    from vm import devloop
+
     s = settings_of(c, base=base)
+    found = devloop.series_tree(source)
+    if found is not None:
+        result, built = devloop.test_tree(s, found, keyword=k, rows_for=_rows_for(rows_for), keep_vm=keep_vm)
+        for label, b in built.items():
+            print(f"{label}: {b.kernel.bzimage} (built in {b.seconds:.0f}s)")
+        print(f"test: {result.counts()} ({result.request.xml})")
+        result.check()
+        return
     kernels = pipeline.build_variants(s, _variants(variants, debug), source)
     pipeline.scenarios(s, kernels, rows_for=_rows_for(rows_for), keyword=k, keep_vm=keep_vm).check()
 
@@ -381,3 +392,26 @@ def series(c, action, tree, base=None, onto=None, worktree=None, force=False, br
 
 
 ns.add_task(series)
+
+
+@harness_task(help={
+    "tree": "the series work tree (`invoke series checkout` prints it); its uncommitted edits are tested",
+    "k": "pytest -k expression (default: every row)",
+    "fs": "run the rows on this upper filesystem only (ext4 or xfs; default: both)",
+    "base": BASE_HELP})
+def retest(c, tree, k=None, fs=None, base=None):
+    """The inner loop: rebuild P incrementally, boot, reboot or reload overlay.ko in the loop
+    guest (left running), run the rows."""
+    from vm import devloop
+    from vm.devloop import loop
+
+    s = settings_of(c, base=base)
+    done = loop.retest(s, devloop.require_series_tree(tree), keyword=k, filesystems=_csv(fs))
+    print(f"retest: {done.decision.path} ({done.decision.why})")
+    print(f"verdict: {done.result.counts()} in {done.seconds:.0f}s (build {done.build_seconds:.0f}s, "
+          f"{done.decision.path} {done.action_seconds:.0f}s, rows {done.session_seconds:.0f}s); "
+          f"the loop guest stays up (`invoke ssh --variant devloop-patched`, `invoke stop`)")
+    done.result.check()
+
+
+ns.add_task(retest)
