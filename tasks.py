@@ -138,10 +138,10 @@ def ssh(c, command=None, variant=None):
         raise Exit(code=res.exit_status)
 
 
-@harness_task
-def stop(c):
-    """Stop every detached guest."""
-    alive = pipeline.running_guests(settings_of(c))
+@harness_task(help={"variant": "stop only the guests of this label (e.g. devloop-patched, the loop's guest)"})
+def stop(c, variant=None):
+    """Stop every detached guest (or those of one label)."""
+    alive = [g for g in pipeline.running_guests(settings_of(c)) if variant in (None, g.plan.kernel_label)]
     for found in alive:
         found.stop()
         print(f"stopped {found.plan.kernel_label} guest (pid {found.pid}, {found.plan.kernel_release})")
@@ -363,7 +363,7 @@ SERIES_ACTIONS = ("checkout", "export")
     "tree": "your kernel git clone (never checked out: the branch lives in a linked worktree)",
     "base": BASE_HELP,
     "onto": "checkout: commit to apply the series on (default: the tag of the base's version, e.g. v7.2.13)",
-    "worktree": "checkout: where the worktree goes (default: <cache>/series/<clone>-<base>)",
+    "worktree": "checkout: where the worktree goes (default: <cache>/devloop/<clone>-<base>/patched/src)",
     "force": "checkout: throw away an existing branch b4/ovl-volatile-<base> and its worktree",
     "branch": "export: the series branch (default: b4/ovl-volatile-<base>)",
     "no_lint": "export: skip checkpatch and the cover letter check",

@@ -267,3 +267,40 @@ def test_act_leaves_the_guest_alone_when_unchanged(monkeypatch, tree_plan):
     g = FakeGuest(FakeConnection(strict=True))
     got, booted, _ = _act(monkeypatch, tree_plan, loop.Decision(loop.UNCHANGED, "x"), g)
     assert got is g and booted == [] and g.conn.calls == []
+
+
+def test_build_in_place_repackages_only_what_changed(tmp_path, monkeypatch):
+    """A rebuild that changed none of the artifacts keeps the package (no modules_install,
+    no modules image); one that changed overlay.ko packages again."""
+    from vm.kernel import build
+
+    src, obj, kdir = tmp_path / "src", tmp_path / "obj", tmp_path / "k"
+    outputs = {"vmlinux.o": b"v1", "fs/overlayfs/overlay.ko": b"m1", "arch/x86/boot/bzImage": b"b1"}
+    packaged = []
+
+    def compile_tree(src_, obj_, fragments, tc, log, label):
+        for rel, data in outputs.items():
+            (obj_ / rel).parent.mkdir(parents=True, exist_ok=True)
+            (obj_ / rel).write_bytes(data)
+        return obj_ / ".config", "7.2.13+"
+
+    def package(src_, obj_, config, release, tc, log, out, label):
+        packaged.append(release)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in ("bzImage", "modules.ext4", "config"):
+            (out / name).write_bytes(b"x")
+
+    monkeypatch.setattr(build, "compile_tree", compile_tree)
+    monkeypatch.setattr(build, "package", package)
+    tc = build.Toolchain(jobs=1, ccache_dir=None, cache_root=tmp_path)
+
+    def run():
+        return incremental.build_in_place(src, obj, kdir, label="devloop-patched", version="7.2.13",
+                                          key="worktree", fragments=(), tc=tc, log=tmp_path / "log")
+
+    first = run()
+    assert len(packaged) == 1 and first.label == "devloop-patched" and first.release == "7.2.13+"
+    assert run().bzimage == first.bzimage and len(packaged) == 1       # nothing changed: kept
+    outputs["fs/overlayfs/overlay.ko"] = b"m2"
+    run()
+    assert len(packaged) == 2

@@ -133,3 +133,15 @@ def test_require_series_tree_says_why(tmp_path):
     with pytest.raises(errors.NotASeriesTree, match="no such directory"):
         devloop.require_series_tree(tmp_path / "missing")
     assert "fix:" in str(errors.NotASeriesTree(tree=Path("/x"), why="y"))
+
+
+def test_the_default_series_worktree_sits_beside_ps_o_dir(series_wt, tmp_path):
+    """src/ and obj/ side by side, as under builds/: ccache's relative paths then match."""
+    repo, wt = series_wt
+    settings = _settings(tmp_path)
+    default = devloop.default_worktree(settings, repo)
+    _git(repo, "worktree", "add", "-q", "-b", "b4/ovl-volatile-7.2-default", str(default), "b4/ovl-volatile-7.2")
+    tp = trees.plan(settings, trees.detect(default))
+    assert tp.patched.src == default.resolve()
+    assert tp.patched.src.parent == tp.patched.obj.parent and tp.patched.src.name == "src"
+    assert tp.baseline.src.parent == tp.baseline.obj.parent and tp.baseline.src.name == "src"

@@ -11,11 +11,14 @@ dirs under ``<cache>/devloop/<repo key>-<base>/``::
 
     baseline/src   B's worktree (detached at the base commit)
     baseline/obj   B's O= dir          baseline/out  B's bzImage, modules image
+    patched/src    the series worktree ``invoke series checkout`` makes by default
     patched/obj    P's O= dir          patched/out   P's bzImage, modules image
 
-``baseline/src`` and ``baseline/obj`` sit side by side like every build under
-``builds/``, so ccache (``base_dir`` = the cache) hits on the baseline objects
-``invoke build`` compiled.  The kernels carry the labels ``devloop-baseline``
+``src`` and ``obj`` sit side by side like every build under ``builds/``: ccache
+(``base_dir`` = the cache) rewrites the compiler's paths relative to ``obj``, so
+both hit on the objects ``invoke build`` compiled for the same sources.  (A
+series worktree elsewhere is built in ``patched/obj`` too, without those hits:
+its first build compiles everything.)  The kernels carry the labels ``devloop-baseline``
 and ``devloop-patched`` (their guests never clash with ``invoke boot --detach``
 guests) and are judged as ``baseline`` and ``patched`` against the base's
 expectations.  Any other ``tree:`` keeps its meaning: a kernel tree that
@@ -63,6 +66,17 @@ def _git(tree: Path, *args: str) -> runner.Result:
     return runner.run(["git", "-C", tree, *args], check=False, quiet=True)
 
 
+def repo_key(tree: Path) -> str:
+    """One key per clone: its common git dir, shared by all its worktrees."""
+    common = Path(_git(tree, "rev-parse", "--git-common-dir").stdout.strip())
+    common = (common if common.is_absolute() else tree / common).resolve()
+    return hashlib.sha256(str(common).encode()).hexdigest()[:12]
+
+
+def devloop_root(settings: Settings, key: str) -> Path:
+    return settings.sub("devloop") / f"{key}-{settings.base}"
+
+
 def detect(tree: Path) -> SeriesTree | None:
     """The series branch ``tree`` has checked out, or None: not the top of a git work
     tree, a detached HEAD, or a branch without a series cover-letter commit."""
@@ -83,10 +97,8 @@ def detect(tree: Path) -> SeriesTree | None:
     ours = found.tracking.get(gitseries.HARNESS_KEY)
     if not isinstance(ours, dict) and not branch.startswith(gitseries.BRANCH_PREFIX):
         return None           # some other b4 prep branch
-    common = Path(_git(tree, "rev-parse", "--git-common-dir").stdout.strip())
-    common = (common if common.is_absolute() else tree / common).resolve()
     base = ours.get("base") if isinstance(ours, dict) else None
-    return SeriesTree(worktree=tree, repo_key=hashlib.sha256(str(common).encode()).hexdigest()[:12],
+    return SeriesTree(worktree=tree, repo_key=repo_key(tree),
                       branch=branch, base=str(base) if base else None, base_commit=found.base_commit,
                       cover=found.cover, head=found.tip)
 
@@ -119,7 +131,7 @@ def plan(settings: Settings, found: SeriesTree) -> TreePlan:
         raise errors.BadArgument(what=f"{found.worktree} is on {found.branch}, the {found.base} series "
                                       f"(this run is for base {settings.base})",
                                  fix=f"pass --base {found.base}")
-    root = settings.sub("devloop") / f"{found.repo_key}-{settings.base}"
+    root = devloop_root(settings, found.repo_key)
     b, p = root / "baseline", root / "patched"
     return TreePlan(tree=found, root=root,
                     baseline=DevBuild(BASELINE_LABEL, pipeline.BASELINE, b / "src", b / "obj", b,

@@ -76,10 +76,17 @@ def build_in_place(src: Path, obj: Path, kdir: Path, *, label: str, version: str
                    fragments: Sequence[kconfig.Fragment], tc: build.Toolchain, log: Path,
                    series: Sequence[str] = (), series_hash: str = "none") -> build.Kernel:
     """Build ``src`` incrementally in the kept ``obj`` and package it into ``kdir/out``
-    (bzImage, modules image, config, ``build.json`` last)."""
+    (bzImage, modules image, config, ``build.json`` last).  When the build changed none
+    of :func:`artifacts` and ``kdir`` holds a finished package, that package is kept."""
     start = time.monotonic()
     obj.mkdir(parents=True, exist_ok=True)
+    before = artifacts(obj)
     config, release = build.compile_tree(src, obj, fragments, tc, log, label)
+    done = build.existing(kdir)
+    if done is not None and done.release == release and before.builtin and artifacts(obj) == before:
+        runner.echo(f"  {label}: nothing changed in O={obj} ({time.monotonic() - start:.0f}s); "
+                    f"kept {done.bzimage}")
+        return done
     kdir.mkdir(parents=True, exist_ok=True)
     out = kdir / "out"
     build.package(src, obj, config, release, tc, log, out, label)
