@@ -407,7 +407,7 @@ def retest(c, tree, k=None, fs=None, base=None):
 
     s = settings_of(c, base=base)
     done = loop.retest(s, devloop.require_series_tree(tree), keyword=k, filesystems=_csv(fs))
-    print(f"retest: {done.decision.path} ({done.decision.why})")
+    # the library printed `retest: <path> (<why>)` when it decided, before acting on it
     print(f"verdict: {done.result.counts()} in {done.seconds:.0f}s (build {done.build_seconds:.0f}s, "
           f"{done.decision.path} {done.action_seconds:.0f}s, rows {done.session_seconds:.0f}s); "
           f"the loop guest stays up (`invoke ssh --variant devloop-patched`, `invoke stop`)")

@@ -272,13 +272,14 @@ def test_act_leaves_the_guest_alone_when_unchanged(monkeypatch, tree_plan):
 def test_build_in_place_repackages_only_what_changed(tmp_path, monkeypatch):
     """A rebuild that changed none of the artifacts keeps the package (no modules_install,
     no modules image); one that changed overlay.ko packages again."""
-    from vm.kernel import build
+    from vm.kernel import build, kconfig
 
     src, obj, kdir = tmp_path / "src", tmp_path / "obj", tmp_path / "k"
     outputs = {"vmlinux.o": b"v1", "fs/overlayfs/overlay.ko": b"m1", "arch/x86/boot/bzImage": b"b1"}
-    packaged = []
+    packaged, configured = [], []
 
-    def compile_tree(src_, obj_, fragments, tc, log, label):
+    def compile_tree(src_, obj_, fragments, tc, log, label, reconfigure=True):
+        configured.append(reconfigure)
         for rel, data in outputs.items():
             (obj_ / rel).parent.mkdir(parents=True, exist_ok=True)
             (obj_ / rel).write_bytes(data)
@@ -294,9 +295,13 @@ def test_build_in_place_repackages_only_what_changed(tmp_path, monkeypatch):
     monkeypatch.setattr(build, "package", package)
     tc = build.Toolchain(jobs=1, ccache_dir=None, cache_root=tmp_path)
 
+    fragment = tmp_path / "base.config"
+    fragment.write_text("CONFIG_OVERLAY_FS=m\n")
+
     def run():
+        frags = (kconfig.parse_fragment(fragment),)
         return incremental.build_in_place(src, obj, kdir, label="devloop-patched", version="7.2.13",
-                                          key="worktree", fragments=(), tc=tc, log=tmp_path / "log")
+                                          key="worktree", fragments=frags, tc=tc, log=tmp_path / "log")
 
     first = run()
     assert len(packaged) == 1 and first.label == "devloop-patched" and first.release == "7.2.13+"
@@ -304,3 +309,7 @@ def test_build_in_place_repackages_only_what_changed(tmp_path, monkeypatch):
     outputs["fs/overlayfs/overlay.ko"] = b"m2"
     run()
     assert len(packaged) == 2
+    assert configured == [True, False, False]       # the .config is kept while the fragments are
+    fragment.write_text("CONFIG_OVERLAY_FS=y\n")
+    run()
+    assert configured[-1] is True

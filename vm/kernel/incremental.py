@@ -28,6 +28,8 @@ OVERLAY_KO = Path("fs/overlayfs/overlay.ko")
 #: every built-in object linked into the kernel, relative to the O= dir (see :func:`artifacts`)
 VMLINUX_O = Path("vmlinux.o")
 BZIMAGE = Path("arch/x86/boot/bzImage")
+#: in the O= dir: the fingerprint of the fragments its .config was made from (see build_in_place)
+FRAGMENTS_STAMP = ".ovl-fragments"
 
 
 @dataclass(frozen=True)
@@ -77,11 +79,19 @@ def build_in_place(src: Path, obj: Path, kdir: Path, *, label: str, version: str
                    series: Sequence[str] = (), series_hash: str = "none") -> build.Kernel:
     """Build ``src`` incrementally in the kept ``obj`` and package it into ``kdir/out``
     (bzImage, modules image, config, ``build.json`` last).  When the build changed none
-    of :func:`artifacts` and ``kdir`` holds a finished package, that package is kept."""
+    of :func:`artifacts` and ``kdir`` holds a finished package, that package is kept.
+    The ``.config`` is made again only when the fragments changed (or the last
+    configure did not finish): kbuild re-syncs it itself when a Kconfig file changed."""
     start = time.monotonic()
     obj.mkdir(parents=True, exist_ok=True)
     before = artifacts(obj)
-    config, release = build.compile_tree(src, obj, fragments, tc, log, label)
+    stamp = obj / FRAGMENTS_STAMP
+    made_from = kconfig.fingerprint(fragments) if fragments else ""
+    same = bool(made_from) and stamp.is_file() and stamp.read_text() == made_from
+    stamp.unlink(missing_ok=True)
+    config, release = build.compile_tree(src, obj, fragments, tc, log, label, reconfigure=not same)
+    if made_from:
+        stamp.write_text(made_from)
     done = build.existing(kdir)
     if done is not None and done.release == release and before.builtin and artifacts(obj) == before:
         runner.echo(f"  {label}: nothing changed in O={obj} ({time.monotonic() - start:.0f}s); "
