@@ -64,11 +64,15 @@ def artifacts(obj: Path) -> Artifacts:
     """What the build in ``obj`` made.
 
     The built-in side is ``vmlinux.o``, the link of every built-in object, not
-    ``vmlinux`` or ``bzImage``: kbuild relinks ``vmlinux`` with a fresh
-    ``init/version-timestamp.o`` (build number from ``.version``, build time)
-    whenever it runs its vmlinux rule, so their bytes can differ although no
-    built-in code did; ``vmlinux.o`` only changes when a built-in object does.
-    Measured on 7.2 (see README, "The developer loop").
+    ``vmlinux`` or ``bzImage``: whenever kbuild runs its vmlinux rule it links
+    a fresh ``init/version-timestamp.o`` (build number from ``.version``, build
+    time), so ``vmlinux`` and ``bzImage`` can differ although no built-in code
+    did; ``vmlinux.o`` only changes when a built-in object does.  Measured on
+    7.2 (README, "The developer loop"): after a line added to
+    ``fs/overlayfs/util.c`` kbuild rebuilt util.o, overlay.o and overlay.ko
+    only, and ``vmlinux.o``, ``vmlinux`` and ``bzImage`` stayed byte-identical;
+    after one added to ``fs/super.c`` all three changed (version-timestamp.o
+    rebuilt, ``.tmp_vmlinux1/2`` relinked).
     """
     return Artifacts(builtin=digest(obj / VMLINUX_O), overlay=digest(obj / OVERLAY_KO),
                      bzimage=digest(obj / BZIMAGE))
