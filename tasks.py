@@ -138,10 +138,10 @@ def ssh(c, command=None, variant=None):
         raise Exit(code=res.exit_status)
 
 
-@harness_task
-def stop(c):
-    """Stop every detached guest."""
-    alive = pipeline.running_guests(settings_of(c))
+@harness_task(help={"variant": "stop only the guests of this label (e.g. devloop-patched, the loop's guest)"})
+def stop(c, variant=None):
+    """Stop every detached guest (or those of one label)."""
+    alive = [g for g in pipeline.running_guests(settings_of(c)) if variant in (None, g.plan.kernel_label)]
     for found in alive:
         found.stop()
         print(f"stopped {found.plan.kernel_label} guest (pid {found.pid}, {found.plan.kernel_release})")
@@ -170,8 +170,19 @@ def _rows_for(text: str | None) -> dict[str, tuple[str, ...]]:
                     "base": BASE_HELP})
 def test(c, variants="baseline,patched", keep_vm=False, k=None, debug=False, source=None, rows_for=None,
          base=None):
-    """Run the scenario suite on booted guests (building what is missing)."""
+    """Run the scenario suite on booted guests (building what is missing).  With --source
+    tree:DIR on a series branch (`invoke series checkout`): DIR as P, its base commit as B."""
+    from vm import devloop
+
     s = settings_of(c, base=base)
+    found = devloop.series_tree(source)
+    if found is not None:
+        result, built = devloop.test_tree(s, found, keyword=k, rows_for=_rows_for(rows_for), keep_vm=keep_vm)
+        for label, b in built.items():
+            print(f"{label}: {b.kernel.bzimage} (built in {b.seconds:.0f}s)")
+        print(f"test: {result.counts()} ({result.request.xml})")
+        result.check()
+        return
     kernels = pipeline.build_variants(s, _variants(variants, debug), source)
     pipeline.scenarios(s, kernels, rows_for=_rows_for(rows_for), keyword=k, keep_vm=keep_vm).check()
 
@@ -352,7 +363,7 @@ SERIES_ACTIONS = ("checkout", "export")
     "tree": "your kernel git clone (never checked out: the branch lives in a linked worktree)",
     "base": BASE_HELP,
     "onto": "checkout: commit to apply the series on (default: the tag of the base's version, e.g. v7.2.13)",
-    "worktree": "checkout: where the worktree goes (default: <cache>/series/<clone>-<base>)",
+    "worktree": "checkout: where the worktree goes (default: <cache>/devloop/<clone>-<base>/patched/src)",
     "force": "checkout: throw away an existing branch b4/ovl-volatile-<base> and its worktree",
     "branch": "export: the series branch (default: b4/ovl-volatile-<base>)",
     "no_lint": "export: skip checkpatch and the cover letter check",
@@ -381,3 +392,26 @@ def series(c, action, tree, base=None, onto=None, worktree=None, force=False, br
 
 
 ns.add_task(series)
+
+
+@harness_task(help={
+    "tree": "the series work tree (`invoke series checkout` prints it); its uncommitted edits are tested",
+    "k": "pytest -k expression (default: every row)",
+    "fs": "run the rows on this upper filesystem only (ext4 or xfs; default: both)",
+    "base": BASE_HELP})
+def retest(c, tree, k=None, fs=None, base=None):
+    """The inner loop: rebuild P incrementally, boot, reboot or reload overlay.ko in the loop
+    guest (left running), run the rows."""
+    from vm import devloop
+    from vm.devloop import loop
+
+    s = settings_of(c, base=base)
+    done = loop.retest(s, devloop.require_series_tree(tree), keyword=k, filesystems=_csv(fs))
+    # the library printed `retest: <path> (<why>)` when it decided, before acting on it
+    print(f"verdict: {done.result.counts()} in {done.seconds:.0f}s (build {done.build_seconds:.0f}s, "
+          f"{done.decision.path} {done.action_seconds:.0f}s, rows {done.session_seconds:.0f}s); "
+          f"the loop guest stays up (`invoke ssh --variant devloop-patched`, `invoke stop`)")
+    done.result.check()
+
+
+ns.add_task(retest)

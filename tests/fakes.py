@@ -30,7 +30,7 @@ class FakeConnection:
     stdout string, an exit status, or None (exit 0).  The first registered
     prefix that the joined command starts with wins; unmatched commands exit
     0 with no output, or raise AssertionError when ``strict``.
-    ``put_text``/``get_text`` use the ``files`` dict.
+    ``put_text``/``get_text`` use the ``files`` dict, ``put_bytes`` the ``blobs`` dict.
     """
 
     def __init__(self, responses: Mapping[str, Response] | None = None, *,
@@ -42,6 +42,7 @@ class FakeConnection:
         self.calls: list[str] = []
         self.inputs: list[str | None] = []
         self.files: dict[str, str] = {}
+        self.blobs: dict[str, bytes] = {}     # put_bytes
         self.modes: dict[str, int] = {}
         self._open = False
         self.opens = 0
@@ -98,6 +99,11 @@ class FakeConnection:
     def put_text(self, remote_path: str, text: str, mode: int = 0o644) -> None:
         self.open()
         self.files[remote_path] = text
+        self.modes[remote_path] = mode
+
+    def put_bytes(self, remote_path: str, data: bytes, mode: int = 0o644) -> None:
+        self.open()
+        self.blobs[remote_path] = bytes(data)
         self.modes[remote_path] = mode
 
     def get_text(self, remote_path: str) -> str:

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from vm import errors, runner
-from vm.kernel import build, gitseries, kconfig
+from vm.kernel import build, gitseries, incremental, kconfig
 from vm.kernel.fetch import read_version
 from vm.kernel.patch import apply_patch, parse_series
 from vm.settings import Settings
@@ -321,21 +321,12 @@ def _build_step_kernel(ctx: StepContext, settings: Settings) -> build.Kernel:
         return done
     fragments = [kconfig.parse_fragment(Path(f)) for f in ctx.state["fragments"]]
     tc = build.default_toolchain(settings.cache_dir, settings.jobs, settings.ccache)
-    obj, log = Path(ctx.state["obj"]), ctx.dir / "build.log"
-    start = time.monotonic()
-    config, release = build.compile_tree(ctx.wt, obj, fragments, tc, log, KERNEL_LABEL)
-    kdir.mkdir(parents=True, exist_ok=True)
-    out = kdir / "out"
-    build.package(ctx.wt, obj, config, release, tc, log, out, KERNEL_LABEL)
     series = parse_series(Path(ctx.state["series_file"]))
-    kernel = build.Kernel(label=KERNEL_LABEL, version=read_version(ctx.wt) or release, key=ctx.commit[:12],
-                          build_dir=kdir, bzimage=out / "bzImage", modules_img=out / "modules.ext4",
-                          config=out / "config", release=release,
-                          series=[p.name for p in series.patches], series_hash=series.fingerprint(),
-                          config_hash=kconfig.fingerprint(fragments),
-                          seconds=round(time.monotonic() - start, 1))
-    build.write_stamp(kernel)
-    return kernel
+    return incremental.build_in_place(ctx.wt, Path(ctx.state["obj"]), kdir, label=KERNEL_LABEL,
+                                      version=read_version(ctx.wt) or "", key=ctx.commit[:12],
+                                      fragments=fragments, tc=tc, log=ctx.dir / "build.log",
+                                      series=[p.name for p in series.patches],
+                                      series_hash=series.fingerprint())
 
 
 def _scenario_step(ctx: StepContext) -> int:

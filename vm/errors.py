@@ -329,3 +329,20 @@ class GitAmFailed(UserError):
 class UserTreeChanged(InfraError):
     message = ("`invoke series` changed the checkout of {repo} ({what}); fix: this is a harness bug, "
                "inspect the tree (`git status`, `git worktree list`) and report it")
+
+
+# --- the developer's inner loop (invoke retest) --------------------------------
+
+class ModuleReloadFailed(InfraError):
+    message = ("the new overlay module is not the one the guest loaded ({why}); fix: retest again "
+               "(a module that cannot be swapped makes the next retest reboot: `invoke stop` first)")
+
+
+class LoopGuestBusy(UserError):
+    message = ("the loop guest {label} (pid {pid}) is used by another harness run; fix: wait for it, "
+               "or stop it with `invoke stop`")
+
+
+class NotASeriesTree(UserError):
+    message = ("{tree} is not a work tree on a series branch ({why}); fix: make one with "
+               "`invoke series checkout --tree YOUR_CLONE` and pass the worktree it prints")

@@ -272,13 +272,14 @@ def build_variants(settings: Settings, variants: list[Variant],
 def scenarios(settings: Settings, kernels: list[tuple[str, build.Kernel]], *, name: str = "scenarios",
               tests: str = "scenarios", results_dir: Path | None = None,
               rows_for: dict[str, tuple[str, ...]] | None = None, keyword: str | None = None,
-              keep_vm: bool = False, options: tuple[str, ...] = ()) -> SuiteResult:
+              keep_vm: bool = False, options: tuple[str, ...] = (),
+              filesystems: tuple[str, ...] = ()) -> SuiteResult:
     """The scenario suite (``ovl.suites.<tests>``) on booted ``kernels``, one session."""
     req = SuiteRequest(name=name, tests=(getattr(settings.suites, tests),),
                        results_dir=results_dir or settings.results_dir,
                        kernels=tuple((label, k.build_dir) for label, k in kernels),
                        image=guest_image(settings).path, rows_for=rows_for or {}, keyword=keyword,
-                       keep_vm=keep_vm, options=options)
+                       keep_vm=keep_vm, options=options, filesystems=tuple(filesystems))
     return suite.run(settings.project_root, req)
 
 

@@ -428,6 +428,23 @@ def test_put_get_text_without_sftp(conn, tmp_path, monkeypatch):
         conn.get_text(str(tmp_path / "missing"))
 
 
+@pytest.mark.sshd
+@pytest.mark.parametrize("sftp", [True, False], ids=["sftp", "shell"])
+def test_put_bytes_binary_round_trip(conn, tmp_path, monkeypatch, sftp):
+    """A module (binary, NUL bytes, every byte value) arrives byte for byte, with its mode."""
+    conn.open()
+    if not sftp:
+        def no_sftp():
+            raise paramiko.SSHException("Channel closed.")
+        monkeypatch.setattr(conn._client, "open_sftp", no_sftp)
+    data = bytes(range(256)) * 300 + b"\x7fELF\0\0"
+    target = tmp_path / "overlay.ko"
+    conn.put_bytes(str(target), data, mode=0o600)
+    assert target.read_bytes() == data
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["overlay.ko"]  # no temp left
+
+
 # --- render / FakeConnection -------------------------------------------------
 
 def test_render():

@@ -287,14 +287,20 @@ def modules_image(modroot: Path, release: str, dest: Path) -> None:
 
 
 def compile_tree(src: Path, obj: Path, fragments: Sequence[kconfig.Fragment], tc: Toolchain,
-                 log: Path, label: str) -> tuple[Path, str]:
+                 log: Path, label: str, *, reconfigure: bool = True) -> tuple[Path, str]:
     """Configure ``obj`` from the fragments and make bzImage + modules in it.
 
     Incremental when ``obj`` already holds a build: kbuild only recompiles what
-    changed.  Returns the validated config and the kernel release.
+    changed.  ``reconfigure=False`` keeps a ``.config`` already made from the same
+    fragments (kbuild itself re-syncs it when a Kconfig file changed).  Returns
+    the validated config and the kernel release.
     """
-    with runner.phase(f"{label}: config"):
-        config = kconfig.make_config(src, obj, list(fragments), make_args=tc.make_args(), log=log)
+    config = obj / ".config"
+    if reconfigure or not config.is_file():
+        with runner.phase(f"{label}: config"):
+            config = kconfig.make_config(src, obj, list(fragments), make_args=tc.make_args(), log=log)
+    else:
+        runner.echo(f"  {label}: config kept ({config}, same fragments)")
     with runner.phase(f"{label}: bzImage + modules (log: {log})"):
         _make(src, obj, ["bzImage", "modules"], tc, log, label)
     return config, (obj / "include" / "config" / "kernel.release").read_text().strip()

@@ -30,6 +30,7 @@ results, for unit tests of code that drives a guest.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import errno
 import os
@@ -486,13 +487,17 @@ class GuestConnection:
 
     def put_text(self, remote_path: str, text: str, mode: int = 0o644) -> None:
         """Write ``text`` (UTF-8) to ``remote_path`` atomically (temp file + rename)."""
-        data = text.encode("utf-8")
+        self.put_bytes(remote_path, text.encode("utf-8"), mode)
+
+    def put_bytes(self, remote_path: str, data: bytes, mode: int = 0o644) -> None:
+        """Write ``data`` to ``remote_path`` atomically (temp file + rename); a guest without
+        SFTP gets it through the shell, base64-encoded."""
         tmp = f"{remote_path}.tmp-ovh{os.getpid()}"
         sftp = self._sftp_client()
         if sftp is None:  # fall back to the shell
-            script = 'cat > "$1" && chmod "$2" "$1" && mv -f "$1" "$3"'
-            self.run(["sh", "-c", script, "put_text", tmp, f"{mode:o}", remote_path],
-                     input=text, check=True)
+            script = 'base64 -d > "$1" && chmod "$2" "$1" && mv -f "$1" "$3"'
+            self.run(["sh", "-c", script, "put_bytes", tmp, f"{mode:o}", remote_path],
+                     input=base64.b64encode(data).decode("ascii"), check=True)
             return
         try:
             with sftp.open(tmp, "wb") as fh:

@@ -6,11 +6,11 @@ lint) and :mod:`vm.kernel.gitseries` (the branch itself).
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from vm import errors, pipeline, runner
+from vm.devloop import trees
 from vm.kernel import gitseries
 from vm.kernel import series as series_tools
 from vm.kernel.patch import parse_series
@@ -18,10 +18,11 @@ from vm.settings import Settings
 
 
 def default_worktree(settings: Settings, tree: Path) -> Path:
-    """``<cache>/series/<repo key>-<base>/``: one worktree per clone and base."""
-    repo = gitseries.toplevel(tree)
-    key = hashlib.sha256(str(repo.resolve()).encode()).hexdigest()[:12]
-    return settings.sub("series") / f"{key}-{settings.base}"
+    """``<cache>/devloop/<repo key>-<base>/patched/src``: one worktree per clone and base,
+    beside the kept O= dir ``invoke test --source tree:`` and ``invoke retest`` build it in
+    (``patched/obj``), laid out like every build under ``builds/`` so ccache hits on the
+    objects ``invoke build`` compiled for the same series (see :mod:`vm.devloop.trees`)."""
+    return trees.devloop_root(settings, trees.repo_key(gitseries.toplevel(tree))) / "patched" / "src"
 
 
 def default_onto(settings: Settings, tree: Path, source: str | None = None) -> str:
