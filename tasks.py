@@ -381,3 +381,26 @@ def series(c, action, tree, base=None, onto=None, worktree=None, force=False, br
 
 
 ns.add_task(series)
+
+
+# --- `invoke bench` (issue 13): not a test; a table and results/bench.json -----------------
+
+@harness_task(help={
+    "repeat": "samples per measurement (default 0: ovl.bench_repeat)",
+    "only": "comma list of build, boot, bare, vng, scenario, suite, edit (default: all of them)",
+    "cold": "also a cold build: its own empty ccache and a fresh O=, each sample costs minutes",
+    "dev_tree": "the series worktree of `invoke series checkout`: times `invoke retest` after an edit",
+    "base": BASE_HELP})
+def bench(c, repeat=0, only=None, cold=False, dev_tree=None, base=None):
+    """Time builds, boots (harness, bare QEMU floor, virtme-ng), a scenario, the suite, edit-to-verdict."""
+    from vm import bench as bench_lib, benchmain
+
+    s = settings_of(c, base=base)
+    names = bench_lib.select(only, cold)
+    n = int(repeat) or s.bench_repeat
+    rows, path = benchmain.run(s, names, n, Path(dev_tree).expanduser().resolve() if dev_tree else None)
+    print(bench_lib.render(rows, n), end="")
+    print(f"bench: {path}")
+
+
+ns.add_task(bench)
