@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -70,7 +71,8 @@ def vng(b: Bench) -> list[bench.Row]:
     samples = []
     for i in range(b.repeat):
         seen = runner.run_until(argv, b.out / f"vng-{i}.log", lambda line: line.strip() == bench.VNG_MARKER,
-                                timeout=b.settings.bench_boot_timeout)
+                                timeout=b.settings.bench_boot_timeout,
+                                env={"PATH": f"{binary.parent}{os.pathsep}{os.environ.get('PATH', '')}"})
         if seen.seconds is None:
             return rows + [bench.not_run(VNG, f"vng did not run its command (exit {seen.returncode}): "
                                               f"{seen.tail} (log {b.out / f'vng-{i}.log'})")]
