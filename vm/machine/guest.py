@@ -50,6 +50,10 @@ PORT_TRIES = 4
 BIND_FAILED = "Could not set up host forwarding rule"
 #: seconds a KVM guest may stay silent before we decide it hangs in firmware
 KVM_FIRST_OUTPUT = 15.0
+#: how often the console log is read for the ready line during a boot (a stat and a read of
+#: a small file: cheap), and how soon a failed first SSH attempt is retried
+CONSOLE_POLL = 0.05
+SSH_RETRY = 0.25
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child
@@ -271,7 +275,8 @@ class Guest:
             return self._alive() and not silent
 
         try:
-            for line in console.follow(self.plan.spec.console_log, deadline=deadline, alive=alive):
+            for line in console.follow(self.plan.spec.console_log, deadline=deadline, alive=alive,
+                                      poll=CONSOLE_POLL):
                 lines.append(line)
                 seen_output = seen_output or bool(line.strip())
                 event = console.classify(line)
@@ -302,7 +307,7 @@ class Guest:
         def abort() -> str | None:
             return self._console_problem(console.last_lines(self.plan.spec.console_log, 40))
 
-        self.conn.wait_until_up(remaining, abort=abort)
+        self.conn.wait_until_up(remaining, abort=abort, interval=SSH_RETRY)
         self.timeline["ssh"] = time.monotonic()
         self.timeline["ssh_tries"] = float(self.conn.tries)
         self.boot_seconds = time.monotonic() - start
