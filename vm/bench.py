@@ -278,7 +278,10 @@ def bare_argv(arch: qemu.QemuArch, accel: qemu.Accel, kernel: Path, memory_mb: i
 def vng_argv(vng: Path, kernel: Path, accel: qemu.Accel, memory_mb: int, cpus: int) -> list[str]:
     """``vng --run BZIMAGE --exec 'echo MARKER'``: virtme-ng boots the host's root
     filesystem with that kernel and runs one command (without KVM under TCG)."""
-    argv = [str(vng), "--run", str(kernel), "--cpus", str(cpus), "--memory", f"{memory_mb}M",
+    # --verbose: the console on stdout.  Without udevd on the host (containers) virtme-ng-init
+    # finds no /dev/virtio-ports/ links and runs the command on the console, which vng
+    # otherwise sends to /dev/null: the command's output would never be seen.
+    argv = [str(vng), "--run", str(kernel), "--cpus", str(cpus), "--memory", f"{memory_mb}M", "--verbose",
             "--exec", f"echo {VNG_MARKER}"]
     if accel.name != "kvm":
         argv.insert(3, "--disable-kvm")

@@ -183,6 +183,7 @@ def test_vng_argv_runs_one_command_without_kvm_under_tcg():
     assert argv[:4] == ["/v/bin/vng", "--run", "/k/bzImage", "--disable-kvm"]
     assert argv[argv.index("--exec") + 1] == f"echo {bench.VNG_MARKER}"
     assert argv[argv.index("--memory") + 1] == "2048M" and argv[argv.index("--cpus") + 1] == "2"
+    assert "--verbose" in argv, "without udevd the command's output is on the console only"
     assert "--disable-kvm" not in bench.vng_argv(Path("vng"), Path("k"), KVM, 1024, 1)
 
 
