@@ -415,3 +415,26 @@ def retest(c, tree, k=None, fs=None, base=None):
 
 
 ns.add_task(retest)
+
+
+# --- `invoke bench` (issue 13): not a test; a table and results/bench.json -----------------
+
+@harness_task(help={
+    "repeat": "samples per measurement (default 0: ovl.bench_repeat)",
+    "only": "comma list of build, boot, bare, vng, scenario, suite, edit (default: all of them)",
+    "cold": "also a cold build: its own empty ccache and a fresh O=, each sample costs minutes",
+    "dev_tree": "the series worktree of `invoke series checkout`: times `invoke retest` after an edit",
+    "base": BASE_HELP})
+def bench(c, repeat=0, only=None, cold=False, dev_tree=None, base=None):
+    """Time builds, boots (harness, bare QEMU floor, virtme-ng), a scenario, the suite, edit-to-verdict."""
+    from vm import bench as bench_lib, benchmain
+
+    s = settings_of(c, base=base)
+    names = bench_lib.select(only, cold)
+    n = int(repeat) or s.bench_repeat
+    rows, path = benchmain.run(s, names, n, Path(dev_tree).expanduser().resolve() if dev_tree else None)
+    print(bench_lib.render(rows, n), end="")
+    print(f"bench: {path}")
+
+
+ns.add_task(bench)

@@ -207,3 +207,69 @@ def require(tool: str, package: str | None = None) -> str:
     if path is None:
         raise errors.MissingTool(tool=tool, package=package or tool)
     return path
+
+
+@dataclass(frozen=True)
+class Until:
+    """What :func:`run_until` saw: seconds from the start to the first line ``until`` accepted
+    (None if none did), that line, the exit code (None when it was stopped after the match)
+    and the last lines of its output."""
+
+    seconds: float | None
+    line: str
+    returncode: int | None
+    tail: str
+
+
+def run_until(cmd: Cmd, log: Path, until: Callable[[str], bool], *, timeout: float,
+              env: Mapping[str, str] | None = None, cwd: "os.PathLike[str] | str | None" = None) -> Until:
+    """Run ``cmd`` (its own session, stdout+stderr into ``log``) until a line makes ``until``
+    true, then stop its process group; or until it exits, or ``timeout`` s pass (stopped too).
+    Times a boot to its first sign of life without waiting for what follows."""
+    argv = _argv(cmd)
+    announce(argv, cwd)
+    if shutil.which(argv[0]) is None and not os.path.exists(argv[0]):
+        raise errors.MissingTool(tool=argv[0], package=argv[0])
+    log.parent.mkdir(parents=True, exist_ok=True)
+    lines: list[str] = []
+    start = time.monotonic()
+    with open(log, "w", encoding="utf-8", errors="replace") as fh:
+        proc = subprocess.Popen(argv, cwd=cwd, env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            found = _watch(proc, fh, lines, until, start + timeout)
+        finally:
+            if proc.poll() is None:
+                _stop_group(proc, grace=2.0)
+    seconds = None if found is None else found[0] - start
+    return Until(seconds, found[1] if found else "", proc.returncode if found is None else None,
+                 tail("\n".join(lines), 3))
+
+
+def _watch(proc: subprocess.Popen, fh, lines: list[str], until: Callable[[str], bool],
+           deadline: float) -> tuple[float, str] | None:
+    """Read ``proc``'s output line by line (into ``fh`` and ``lines``) until ``until`` accepts
+    one: ``(time.monotonic() then, line)``; None when it exits or ``deadline`` passes."""
+    import select
+
+    assert proc.stdout is not None
+    pending = b""
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], min(0.05, max(0.0, deadline - time.monotonic())))
+        if not ready:
+            if proc.poll() is not None:
+                return None
+            continue
+        chunk = os.read(proc.stdout.fileno(), 65536)
+        if not chunk:
+            proc.wait()
+            return None
+        pending += chunk
+        *complete, pending = pending.replace(b"\r", b"").split(b"\n")
+        for raw in complete:
+            line = raw.decode(errors="replace")
+            fh.write(line + "\n")
+            lines.append(line)
+            if until(line):
+                return time.monotonic(), line
+    return None

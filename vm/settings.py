@@ -78,6 +78,14 @@ class Settings:
     fstests_ci_tests: tuple[str, ...] = ()    # what `invoke ci` runs
     fstests_ci_fs: tuple[str, ...] = ("xfs",)  # on these base filesystems
     fstests_full_groups: tuple[str, ...] = ()  # what `invoke ci --full` adds
+    #: `invoke bench` (issue 13): see invoke.yaml
+    bench_repeat: int = 3
+    bench_virtme_fragment: str = "bench-virtme"
+    bench_virtme_package: str = "virtme-ng==1.42"
+    bench_row: str = "volatile-to-volatile"
+    bench_fs: str = "ext4"
+    bench_edit_rows: str = "volatile-to-volatile"
+    bench_boot_timeout: float = 120.0
     suites: SuitePaths = field(default_factory=SuitePaths)
     project_root: Path = PROJECT_ROOT
 
@@ -116,6 +124,7 @@ class Settings:
             ci_full_rows_for=_rows_map(self.ci_full_rows_for, "ci_full_rows_for"),
             jobs=int(self.jobs), memory_mb=int(self.memory_mb), cpus=int(self.cpus),
             kvm_probe_timeout=float(self.kvm_probe_timeout), boot_timeout=float(self.boot_timeout),
+            bench_repeat=int(self.bench_repeat), bench_boot_timeout=float(self.bench_boot_timeout),
         )
 
     def to_dict(self) -> dict[str, Any]:

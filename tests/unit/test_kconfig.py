@@ -68,6 +68,17 @@ def test_real_merge_keeps_base_fragment(kernel_tree, tmp_path):
     assert sorted(os.listdir(kernel_tree.path)) == before, "the source tree must not be written to"
 
 
+def test_real_merge_keeps_bench_virtme_fragment(kernel_tree, tmp_path):
+    """`invoke bench`'s virtme-ng kernel: base + bench-virtme survives olddefconfig, option by option."""
+    s = load()
+    frags = kconfig.resolve_fragments([*s.fragments, s.bench_virtme_fragment], KCONFIG_DIR)
+    cfg = kconfig.make_config(kernel_tree.path, tmp_path / "obj", frags, make_args=["-j2"],
+                              log=tmp_path / "log")
+    text = cfg.read_text()
+    assert "CONFIG_9P_FS=y" in text and "CONFIG_VIRTIO_CONSOLE=y" in text
+    assert "CONFIG_OVERLAY_FS=y" in text, "virtme-ng's init mounts overlays before modules could load"
+
+
 def test_real_merge_names_dropped_option(kernel_tree, tmp_path):
     frag = tmp_path / "broken.config"
     # DM_FLAKEY depends on BLK_DEV_DM, which allnoconfig leaves off.

@@ -22,6 +22,9 @@ LAYERS = {
 }
 #: the developer's loop (invoke series, issue 13) is a workflow built on vm.pipeline
 LAYERS["vm.devloop"] = 5.5
+#: `invoke bench` (issue 13): pure tables and parsers, the measurements, the run
+LAYERS.update({"vm.bench": 5.6, "vm.benchrun": 5.7, "vm.benchcmp": 5.8, "vm.benchsuite": 5.8,
+               "vm.benchmain": 5.9})
 MAX_FUNCTION_LINES = 60
 
 

@@ -314,8 +314,8 @@ def test_cleanup_unmounts_both_overlays(tmp_path):
     umounts = [c for c in calls if c.startswith("umount ")]
     assert umounts == ["umount /mnt/ovl2", "umount /mnt/ovl", "umount /mnt/upperfs"]
     assert calls.index(umounts[-1]) < calls.index("dmsetup remove --retry ovl-flakey")
-    sweep = [c.rsplit(" ", 1)[-1] for c in calls if "while mountpoint" in c]
-    assert sweep == ["/mnt/ovl", "/mnt/ovl2", "/mnt/upperfs"]
+    sweep = [shlex.split(c)[4:] for c in calls if "while mountpoint" in c]
+    assert sweep == [["/mnt/ovl", "/mnt/ovl2", "/mnt/upperfs"]], "one sweep, overlays before the upper fs"
 
 
 @pytest.mark.parametrize("label,mode,acls", [

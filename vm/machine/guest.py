@@ -38,7 +38,7 @@ from vm import errors, runner
 from vm.kernel.build import Kernel
 from vm.machine import console, qemu
 from vm.machine.image import Image
-from vm.machine.ssh import GuestConnection, ensure_keypair
+from vm.machine.ssh import GuestConnection, ensure_keypair, record_timing
 from vm.settings import Settings
 
 STATE_FILE = "guest.json"
@@ -50,6 +50,10 @@ PORT_TRIES = 4
 BIND_FAILED = "Could not set up host forwarding rule"
 #: seconds a KVM guest may stay silent before we decide it hangs in firmware
 KVM_FIRST_OUTPUT = 15.0
+#: how often the console log is read for the ready line during a boot (a stat and a read of
+#: a small file: cheap), and how soon a failed first SSH attempt is retried
+CONSOLE_POLL = 0.05
+SSH_RETRY = 0.25
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child
@@ -191,6 +195,10 @@ class Guest:
         self.conn = GuestConnection("127.0.0.1", plan.spec.ssh_port, key_path=plan.key_path,
                                     command_timeout=max(300.0, plan.boot_timeout))
         self.boot_seconds = 0.0
+        #: host ``time.monotonic()`` of the boot's milestones (``spawned``, ``kernel``: its first
+        #: line on the console, ``ready``: ovl-init's ready line, ``ssh``: sshd answered) and
+        #: ``ssh_tries``: connection attempts; read by the benchmark, never by a verdict
+        self.timeline: dict[str, float] = {}
 
     # --- lifecycle -------------------------------------------------------
     @classmethod
@@ -230,6 +238,7 @@ class Guest:
                                     stderr=subprocess.STDOUT, start_new_session=detach,
                                     preexec_fn=None if detach else _die_with_parent)
         guest = cls(plan, proc.pid, proc, detach)
+        guest.timeline["spawned"] = time.monotonic()
         if detach:
             guest.save_state()
         return guest
@@ -266,11 +275,15 @@ class Guest:
             return self._alive() and not silent
 
         try:
-            for line in console.follow(self.plan.spec.console_log, deadline=deadline, alive=alive):
+            for line in console.follow(self.plan.spec.console_log, deadline=deadline, alive=alive,
+                                      poll=CONSOLE_POLL):
                 lines.append(line)
                 seen_output = seen_output or bool(line.strip())
                 event = console.classify(line)
+                if event is console.Event.KERNEL_START:
+                    self.timeline.setdefault("kernel", time.monotonic())
                 if event is console.Event.READY:
+                    self.timeline["ready"] = time.monotonic()
                     break
                 if event in (console.Event.PANIC, console.Event.INIT_FAILED):
                     time.sleep(0.5)
@@ -294,8 +307,11 @@ class Guest:
         def abort() -> str | None:
             return self._console_problem(console.last_lines(self.plan.spec.console_log, 40))
 
-        self.conn.wait_until_up(remaining, abort=abort)
+        self.conn.wait_until_up(remaining, abort=abort, interval=SSH_RETRY)
+        self.timeline["ssh"] = time.monotonic()
+        self.timeline["ssh_tries"] = float(self.conn.tries)
         self.boot_seconds = time.monotonic() - start
+        record_timing("boot", self.boot_seconds)
         runner.echo(f"  guest up: {self.plan.kernel_release} ({self.plan.kernel_label}) on "
                     f"127.0.0.1:{self.plan.spec.ssh_port} in {self.boot_seconds:.1f}s "
                     f"[{self.plan.spec.accel.name}]")
@@ -353,7 +369,7 @@ class Guest:
         fresh = Guest.boot(self.plan, detach=self.detached)
         self.plan = fresh.plan      # the boot may have changed the port or the accelerator
         self.pid, self.proc, self.conn = fresh.pid, fresh.proc, fresh.conn
-        self.boot_seconds = fresh.boot_seconds
+        self.boot_seconds, self.timeline = fresh.boot_seconds, fresh.timeline
 
     # --- who uses it ------------------------------------------------------
     def claim(self) -> bool:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import errno
+import json
 import os
 import secrets
 import select
@@ -52,6 +53,9 @@ from vm import errors
 from vm.runner import tail
 
 KEY_COMMENT = "ovl-volatile-harness"
+#: when set, every command and connect appends one JSON line (what, seconds, the pytest
+#: test it ran for) to the file it names: how the benchmark times a scenario's round trips
+TIMING_VAR = "OVH_SSH_TIMING"
 KEY_NAME = "id_ed25519"
 
 Cmd = Union[Sequence[str], str]
@@ -145,6 +149,18 @@ class CommandResult:
 
 def _argv_of(cmd: Cmd) -> tuple[str, ...] | str:
     return cmd if isinstance(cmd, str) else tuple(os.fspath(a) for a in cmd)
+
+
+def record_timing(what: str, seconds: float) -> None:
+    """Append ``{"what", "seconds", "test"}`` to the file ``$OVH_SSH_TIMING`` names (nothing
+    when it is unset); ``test`` is pytest's current test, so a session's lines can be split
+    per scenario."""
+    path = os.environ.get(TIMING_VAR)
+    if not path:
+        return
+    entry = {"what": what, "seconds": round(seconds, 6), "test": os.environ.get("PYTEST_CURRENT_TEST", "")}
+    with open(path, "a") as fh:
+        fh.write(json.dumps(entry) + "\n")
 
 
 # --- keys --------------------------------------------------------------------
@@ -243,6 +259,8 @@ class GuestConnection:
         self.command_timeout = command_timeout
         self._client: paramiko.SSHClient | None = None
         self._sftp: paramiko.SFTPClient | None = None
+        #: connection attempts of the last :meth:`wait_until_up`
+        self.tries = 0
 
     def __repr__(self) -> str:
         state = "open" if self.is_open else "closed"
@@ -317,6 +335,7 @@ class GuestConnection:
             return
         self.close()  # drop a dead transport, if any
         pkey = self._load_key()
+        started = time.monotonic()
         client = paramiko.SSHClient()
         client.set_missing_host_key_policy(_AcceptGuestHostKey())
         try:
@@ -333,6 +352,7 @@ class GuestConnection:
             client.close()
             raise
         self._client = client
+        record_timing("connect", time.monotonic() - started)
 
     def close(self) -> None:
         """Close the connection; safe when never opened, after a failed open, or twice."""
@@ -376,6 +396,7 @@ class GuestConnection:
         argv = _argv_of(cmd)
         limit = self.command_timeout if timeout is None else timeout
         tag = secrets.token_hex(8)
+        started = time.monotonic()
         try:
             status, out, err = self._channel(tagged(line, tag, simple=bool(env) or not isinstance(cmd, str)),
                                              line, input, limit)
@@ -390,6 +411,7 @@ class GuestConnection:
         result = CommandResult(argv, status,
                                out.decode("utf-8", errors="replace"),
                                err.decode("utf-8", errors="replace"))
+        record_timing(line, time.monotonic() - started)
         return result.check() if check else result
 
     def _channel(self, sent: str, line: str, input: str | None, limit: float) -> tuple[int, bytes, bytes]:
@@ -546,8 +568,10 @@ class GuestConnection:
         end = start + deadline_s
         last: BaseException | None = None
         saved = self.connect_timeout
+        self.tries = 0
         try:
             while True:
+                self.tries += 1
                 if abort is not None:
                     reason = abort()
                     if reason:

@@ -139,10 +139,13 @@ def disk_by_serial(g: Runs, serial: str) -> str:
     return g.run(["sh", "-c", script, "sh", serial], check=True).stdout.strip()
 
 
+#: every mount stacked on each path unmounted, path by path, in one guest command
+UMOUNT_ALL = 'for p in "$@"; do while mountpoint -q "$p"; do umount "$p" || exit 1; done; done'
+
+
 def umount_all(g: Runs, dirs: OverlayDirs) -> None:
-    for path in (dirs.target, dirs.second_target, dirs.fs_mount):
-        g.run(["sh", "-c", 'while mountpoint -q "$1"; do umount "$1" || exit 1; done', "sh", path],
-              check=True)
+    """Nothing mounted on the overlay targets and the upper fs (in that order): one round trip."""
+    g.run(["sh", "-c", UMOUNT_ALL, "sh", dirs.target, dirs.second_target, dirs.fs_mount], check=True)
 
 
 def fresh_upper(g: Runs, device: str, fstype: str, dirs: OverlayDirs) -> None:
@@ -201,9 +204,12 @@ def mkfs(g: Runs, device: str, fstype: str) -> None:
 
 def mount_upper(g: Runs, device: str, fstype: str, dirs: OverlayDirs,
                 options: str | None = None) -> None:
+    """The mountpoints made and the upper fs mounted, in one round trip (mkdir's or mount's
+    failure fails it, with that command's stderr)."""
     opts = UPPER_MOUNT_OPTIONS.get(fstype) if options is None else options
-    sh(g, ["mkdir", "-p", dirs.fs_mount, dirs.target, dirs.second_target])
-    sh(g, ["mount", "-t", fstype, *(["-o", opts] if opts else []), device, dirs.fs_mount])
+    sh(g, ["sh", "-c", 'mkdir -p "$1" "$2" "$3" && shift 3 && exec mount "$@"', "sh",
+           dirs.fs_mount, dirs.target, dirs.second_target,
+           "-t", fstype, *(["-o", opts] if opts else []), device, dirs.fs_mount])
 
 
 def umount_upper(g: Runs, dirs: OverlayDirs) -> Outcome:
@@ -211,8 +217,8 @@ def umount_upper(g: Runs, dirs: OverlayDirs) -> Outcome:
 
 
 def make_overlay_dirs(g: Runs, dirs: OverlayDirs) -> None:
-    sh(g, ["mkdir", "-p", dirs.lower, dirs.upper, dirs.work])
-    sh(g, ["sh", "-c", 'echo lower > "$1/from-lower"', "sh", dirs.lower])
+    sh(g, ["sh", "-c", 'mkdir -p "$1" "$2" "$3" && echo lower > "$1/from-lower"', "sh",
+           dirs.lower, dirs.upper, dirs.work])
 
 
 def new_upper(g: Runs, device: str, fstype: str, dirs: OverlayDirs,
