@@ -145,9 +145,6 @@ def fstests_batch(request, guest, fs, variant, settings, results_dir, hung_guest
             find_splats=console.find_splats)
         try:
             batches[fs] = batch.run()
-            tally = fstests_batch_mod.counts(batches[fs].values())
-            print(f"\nfstests batch {variant}-{fs}: {len(batch.tests)} test(s) in {batch.seconds:.0f}s, "
-                  f"{batch.runs} ./check run(s): {tally}")
         except Exception as exc:     # noqa: BLE001 - every case of this fs reports it
             batches[fs] = exc
     if isinstance(batches[fs], Exception):

@@ -1,5 +1,7 @@
 """fstests batch mode (vm/suites/fstests_batch.py) against a fake guest that plays back
-saved real ``./check -overlay -R xunit`` output (tests/data/fstests/batch-*): the
+saved real ``./check -overlay -R xunit`` output (tests/data/fstests/batch-*: check's
+output and result.xml of `invoke fstests --variants baseline --fs xfs` with
+ovl.fstests_ci_tests, base 7.2, batch mode; result.xml as the harness kept it): the
 progress parser, per-test timeouts from each test's own start, a hang that reboots the
 guest and resumes with the tests not run yet, kmsg splats per test, the merged
 result.xml (fstests' <properties> once), and the mounts released between filesystems."""
@@ -68,8 +70,9 @@ class FakeGuest:
 
     SETUP = 3.0
 
-    def __init__(self, clock: Clock, seconds: dict[str, float | None], splat_in: str | None = None):
-        self.clock, self.seconds, self.splat_in = clock, seconds, splat_in
+    def __init__(self, clock: Clock, seconds: dict[str, float | None], splat_in: str | None = None,
+                 failing: tuple[str, ...] = ()):
+        self.clock, self.seconds, self.splat_in, self.failing = clock, seconds, splat_in, set(failing)
         self.boots, self.commands, self.dead = 1, [], False
         self.kmsg: list[str] = []
         self.launch: tuple[float, list[str]] | None = None
@@ -96,12 +99,19 @@ class FakeGuest:
 
     def _output(self) -> tuple[str, str]:
         started, finished, done = self._state()
-        lines = [HEADER] + [BLOCKS.get(t, t + " - no such test?") for t in finished]
+        lines = [HEADER] + [self._block(t) for t in finished]
         if len(started) > len(finished):
             lines.append(started[-1] + " ")
         if done:
             lines.append(FOOTER if finished == TESTS else "Ran: " + " ".join(finished))
         return "\n".join(lines), ("0" if done else "")
+
+    def _block(self, test: str) -> str:
+        if test in self.failing:      # check's format for a failure (check: _dump_err)
+            return (f"{test} - output mismatch (see /var/tmp/fstests-results/xfs/{test}.out.bad)\n"
+                    f"    --- tests/{test}.out\n    +++ /var/tmp/fstests-results/xfs/{test}.out.bad\n"
+                    "    +mounted: a volatile workdir was reused after a writeback error")
+        return BLOCKS.get(test, test + " - no such test?")
 
     def _report(self, finished: list[str]) -> str | None:
         if not finished and not self._state()[0]:
@@ -110,6 +120,10 @@ class FakeGuest:
         for case in root.findall("testcase"):
             if case.get("name") not in finished:
                 root.remove(case)
+            elif case.get("name") in self.failing:
+                for child in list(case):
+                    case.remove(child)
+                ET.SubElement(case, "failure", message="- output mismatch", type="TestFail")
         return ET.tostring(root, encoding="unicode")
 
     def _dmesg(self) -> str:
@@ -146,7 +160,7 @@ class FakeGuest:
                 out, status = (f"Ran: {' '.join(finished)}\n", 0) if done else ("", 1)
             elif path.endswith(".out.bad"):
                 test = path.split("/xfs/", 1)[1][: -len(".out.bad")]
-                failed = test in finished and test in REAL and REAL[test].outcome == FAILED
+                failed = test in finished and test in self.failing
                 out, status = ("+mounted: a volatile workdir was reused\n", 0) if failed else ("", 1)
             else:
                 status = 1
@@ -205,6 +219,7 @@ def test_batch_runs_every_test_in_one_check_with_real_verdicts(tmp_path):
     batch, prepared = make_batch(tmp_path, guest, clock)
     outcomes = batch.run()
     assert {t: o.result.outcome for t, o in outcomes.items()} == {t: r.outcome for t, r in REAL.items()}
+    assert {PASSED, NOTRUN} <= {r.outcome for r in REAL.values()}     # the saved run has both
     assert batch.runs == 1 and prepared == [1]
     assert sum("setsid -f" in " ".join(c) for c in guest.commands) == 1
     notrun = [o.result for o in outcomes.values() if o.result.outcome == NOTRUN]
@@ -212,8 +227,20 @@ def test_batch_runs_every_test_in_one_check_with_real_verdicts(tmp_path):
     out = tmp_path / "patched-xfs"
     assert (out / "check.log").read_text().startswith("Ran: ")
     assert TESTS[0] in (out / "check.out").read_text()
-    for test, r in REAL.items():
-        assert (out / f"{test}.out.bad").is_file() == (r.outcome == FAILED)
+
+
+def test_a_failing_test_fails_with_its_files_kept_and_the_others_keep_theirs(tmp_path):
+    clock = Clock()
+    failing = TESTS[-1]
+    guest = FakeGuest(clock, {}, failing=(failing,))
+    batch, _ = make_batch(tmp_path, guest, clock)
+    outcomes = batch.run()
+    assert outcomes[failing].result.outcome == FAILED and "output mismatch" in outcomes[failing].result.message
+    out = tmp_path / "patched-xfs"
+    assert "volatile workdir was reused" in (out / f"{failing}.out.bad").read_text()
+    assert [t for t in TESTS if (out / f"{t}.out.bad").is_file()] == [failing]
+    for test in TESTS[:-1]:
+        assert outcomes[test].result.outcome == REAL[test].outcome
 
 
 def test_result_xml_keeps_fstests_properties_once(tmp_path):
@@ -269,13 +296,15 @@ def test_a_guest_that_stops_answering_fails_the_current_test_after_its_timeout(t
     real_run = guest.run
 
     def run(cmd, **kw):
-        if guest.launch and clock.now > guest.launch[0] + 10:
-            guest.dead = True
+        if guest.boots == 1 and guest.launch and clock.now > guest.launch[0] + 10:
+            guest.dead = True               # the first boot stops answering for good
         return real_run(cmd, **kw)
 
     guest.run = run
     outcomes = batch.run()
     assert outcomes[TESTS[0]].result.outcome == FAILED and guest.boots == 2
+    assert {t: o.result.outcome for t, o in outcomes.items() if t != TESTS[0]} == {
+        t: r.outcome for t, r in REAL.items() if t != TESTS[0]}
 
 
 def test_a_dead_qemu_is_a_hang_at_once(tmp_path):
@@ -285,7 +314,7 @@ def test_a_dead_qemu_is_a_hang_at_once(tmp_path):
     real_run = guest.run
 
     def run(cmd, **kw):
-        if guest.launch and clock.now > guest.launch[0] + 10:
+        if guest.boots == 1 and guest.launch and clock.now > guest.launch[0] + 10:
             guest.dead = True
         return real_run(cmd, **kw)
 
@@ -400,3 +429,13 @@ def test_write_result_xml_marks_harness_verdicts(tmp_path):
     merged = {r.test: r for r in fstests.parse_xunit(path.read_text())}
     assert merged["overlay/031"].outcome == FAILED and "guest killed" in merged["overlay/031"].message
     assert 'failures="' in path.read_text() and path.read_text().count("<properties") == 1
+
+
+def test_write_result_xml_keeps_fstests_file_as_it_is_when_nothing_changed(tmp_path):
+    path = tmp_path / "result.xml"
+    same = {t: fstests_batch.Outcome(r) for t, r in REAL.items()}
+    fstests_batch.write_result_xml(path, [REAL_XML], same, TESTS)
+    assert path.read_text() == REAL_XML
+    splat = dict(same, **{TESTS[0]: fstests_batch.Outcome(fstests.TestResult(TESTS[0], FAILED, "kernel reported BUG"))})
+    fstests_batch.write_result_xml(path, [REAL_XML], splat, TESTS)
+    assert path.read_text() != REAL_XML and path.read_text().count("<properties") == 1
