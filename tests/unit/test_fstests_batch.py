@@ -243,6 +243,17 @@ def test_a_failing_test_fails_with_its_files_kept_and_the_others_keep_theirs(tmp
         assert outcomes[test].result.outcome == REAL[test].outcome
 
 
+def test_a_batch_starts_with_an_empty_results_dir(tmp_path):
+    stale = tmp_path / "patched-xfs" / "overlay" / "010.out.bad"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("from an earlier session")
+    clock = Clock()
+    batch, _ = make_batch(tmp_path, FakeGuest(clock, {}), clock)
+    batch.run()
+    assert not stale.exists()
+    assert (tmp_path / "patched-xfs" / "check.out").read_text().count("=== ./check run") == 1
+
+
 def test_result_xml_keeps_fstests_properties_once(tmp_path):
     clock = Clock()
     guest = FakeGuest(clock, {t: REAL[t].seconds for t in TESTS})

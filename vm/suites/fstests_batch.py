@@ -21,6 +21,7 @@ so the unit tests drive it with a fake guest and saved real check output.
 from __future__ import annotations
 
 import re
+import shutil
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field, replace
@@ -232,8 +233,10 @@ class Batch:
         return f"{fstests.RESULT_BASE}/{self.fs}"
 
     def run(self) -> dict[str, Outcome]:
+        """Run every test; ``out_dir`` starts empty (no file of an earlier session stays)."""
         begin = self.clock()
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.out_dir, ignore_errors=True)
+        self.out_dir.mkdir(parents=True)
         while True:
             remaining = [t for t in self.tests if t not in self.outcomes]
             if not remaining:
