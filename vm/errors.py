@@ -299,6 +299,11 @@ class SuiteBuildFailed(InfraError):
     message = "{name} build failed ({reason}); fix: {fix} (full log: {log}; nothing was cached)"
 
 
+class FstestsMountsBusy(InfraError):
+    message = ("{mounts} still mounted after `fuser -km` and `umount` (before fstests on {fs}); "
+               "fix: see which process holds them in the console log, or boot a fresh guest")
+
+
 class SuiteVerdict(HarnessError):
     """A verdict of fstests or unionmount-testsuite (a regression, an unmet expectation)."""
 

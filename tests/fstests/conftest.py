@@ -1,11 +1,14 @@
-"""fstests ``./check -overlay`` on booted guests, one pytest case per fstests test.
+"""fstests ``./check -overlay`` on booted guests in batch mode, one pytest case per test.
 
 Ids read ``test_fstests[overlay/118-xfs-patched]``: test x base fs come from
 ``--fstests-test`` and ``--fs``, the kernel is the session's ``variant``.  The
 guest is this directory's own (``guest`` below): the suite image
 (``ovl.suite_packages``), large sparse TEST/SCRATCH disks and the fstests disk
-(``--suite-disk fstests=PATH``, a snapshot: writable, thrown away).  A test that
-hangs past ``ovl.fstests_timeout`` kills the guest; the next test boots it again.
+(``--suite-disk fstests=PATH``, a snapshot: writable, thrown away).  The first case
+of a (kernel, fs) runs every test of the session in one background ``./check``
+(:class:`vm.suites.fstests_batch.Batch`); each case then reports its test's verdict.
+A test that hangs past ``ovl.fstests_timeout`` (from its own start) kills the guest,
+which boots again for the tests not run yet.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from vm.machine import console
 from vm.machine import guest as guest_mod
 from vm.machine.image import Image
 from vm.suites import fstests, scenario
+from vm.suites import fstests_batch as fstests_batch_mod
 
 SUITE = "fstests"
 
@@ -73,6 +77,7 @@ def guest(request, variant, kernel, guest_image, settings, results_dir):
     """A fresh guest of ``kernel`` for the suite (never a detached one: a clean guest)."""
     g = pipeline.boot_suite_guest(settings, kernel, guest_image, {SUITE: suite_disks(request.config)[SUITE]})
     g.suite_state = {}
+    g.fstests_batches = {}
     try:
         yield g
     finally:
@@ -98,27 +103,50 @@ class HungGuest:
         g.plan, g.pid, g.proc, g.conn = fresh.plan, fresh.pid, fresh.proc, fresh.conn
         g.suite_state = {}
 
+    def alive(self) -> bool:
+        return self.g._alive()
+
 
 @pytest.fixture
 def hung_guest(guest) -> HungGuest:
     return HungGuest(guest)
 
 
-@pytest.fixture
-def fstests_env(request, guest, fs):
-    """The guest ready for ``./check -overlay`` on base fs ``fs`` (prepared once per fs)."""
+def prepare_fs(guest, fs: str, mount_options: str) -> None:
+    """The guest ready for ``./check -overlay`` on base fs ``fs``: the fstests disk
+    mounted (once per boot), the mounts of an earlier fs released (checked), fresh
+    TEST/SCRATCH filesystems, ``local.config``."""
     state = guest.suite_state
-    if state.get("fs") != fs:
-        test_dev = scenario.disk_by_serial(guest, "ovlscratch0")
-        scratch_dev = scenario.disk_by_serial(guest, "ovlscratch1")
-        if not state.get("mounted"):
-            disk = scenario.disk_by_serial(guest, fstests.FSTESTS_SERIAL)
-            guest.run(["sh", "-c", f"mkdir -p {fstests.FSTESTS_DIR} && mount {disk} {fstests.FSTESTS_DIR}"],
-                      check=True)
-            state["mounted"] = True
-        guest.run(fstests.prepare_argv(fs, test_dev, scratch_dev), check=True, timeout=600)
+    test_dev = scenario.disk_by_serial(guest, "ovlscratch0")
+    scratch_dev = scenario.disk_by_serial(guest, "ovlscratch1")
+    if not state.get("mounted"):
+        disk = scenario.disk_by_serial(guest, fstests.FSTESTS_SERIAL)
+        guest.run(["sh", "-c", f"mkdir -p {fstests.FSTESTS_DIR} && mount {disk} {fstests.FSTESTS_DIR}"],
+                  check=True)
+        state["mounted"] = True
+    fstests.release_mounts(guest, fs)
+    guest.run(fstests.prepare_argv(fs, test_dev, scratch_dev), check=True, timeout=600)
+    guest.conn.put_text(f"{fstests.FSTESTS_DIR}/local.config",
+                        fstests.local_config(fs, test_dev, scratch_dev, mount_options))
+    state["fs"] = fs
+
+
+@pytest.fixture
+def fstests_batch(request, guest, fs, variant, settings, results_dir, hung_guest) -> dict:
+    """``{test: Outcome}`` of every ``--fstests-test`` on ``fs``: the first case of the
+    (kernel, fs) runs the batch, the others read it (a batch that broke fails them all)."""
+    batches = guest.fstests_batches
+    if fs not in batches:
         opts = request.config.getoption("--fstests-mount-options")
-        guest.conn.put_text(f"{fstests.FSTESTS_DIR}/local.config",
-                            fstests.local_config(fs, test_dev, scratch_dev, opts))
-        state["fs"] = fs
-    return state
+        batch = fstests_batch_mod.Batch(
+            guest, request.config.getoption("--fstests-test"), fs, results_dir / f"{variant}-{fs}",
+            timeout=settings.fstests_timeout, prepare=lambda: prepare_fs(guest, fs, opts),
+            restart=hung_guest.restart, console_tail=hung_guest.console_tail, alive=hung_guest.alive,
+            find_splats=console.find_splats)
+        try:
+            batches[fs] = batch.run()
+        except Exception as exc:     # noqa: BLE001 - every case of this fs reports it
+            batches[fs] = exc
+    if isinstance(batches[fs], Exception):
+        raise batches[fs]
+    return batches[fs]

@@ -45,18 +45,6 @@ def test_xunit_failure_message():
     assert (r.outcome, r.message, r.seconds) == (FAILED, "- output mismatch (see x.out.bad)", 7.0)
 
 
-def test_merge_xunit_replaces_a_test_and_counts(tmp_path):
-    real = (DATA / "result.xml").read_text()
-    out = tmp_path / "result.xml"
-    fstests.merge_xunit(out, real, "overlay/118")
-    fstests.merge_xunit(out, real, "overlay/118")
-    hung = TestResult("overlay/999", FAILED, "no verdict in 600s", 600)
-    fstests.merge_xunit(out, "", "overlay/999", extra=hung)
-    merged = {r.test: r.outcome for r in fstests.parse_xunit(out.read_text())}
-    assert merged == {"overlay/118": PASSED, "overlay/999": FAILED}
-    assert 'tests="2"' in out.read_text() and 'failures="1"' in out.read_text()
-
-
 # --- the regression diff ----------------------------------------------------------------
 
 def _r(**outcomes) -> dict[str, TestResult]:

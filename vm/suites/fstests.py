@@ -4,7 +4,8 @@ Host side: the source trees (fetched and verified by :mod:`vm.kernel.fetch` with
 :class:`TreeKind` of this module's recognisers, called from :mod:`vm.pipeline`),
 fstests built with the series' own test applied (``patches/fstests/``), each tree
 packed into an ext4 disk that the guest mounts, cached by source key + patches.
-Guest side: ``local.config``, the base filesystems, one ``./check`` per test.
+Guest side: ``local.config``, the base filesystems, the mounts between them (the
+``./check`` runs themselves: :mod:`vm.suites.fstests_batch`).
 Verdicts: :func:`regression_diff` of the patched kernel against the baseline,
 with the per-base known failures (:class:`KnownFailures`, each with a reason).
 
@@ -210,10 +211,6 @@ def local_config(fs: str, test_dev: str, scratch_dev: str, mount_options: str = 
     return "# written by ovl-volatile-harness (vm/suites/fstests.py)\n" + "\n".join(lines) + "\n"
 
 
-def check_argv(test: str) -> list[str]:
-    return ["sh", "-c", f"cd {FSTESTS_DIR} && exec ./check -overlay -R xunit {test}"]
-
-
 def prepare_argv(fs: str, test_dev: str, scratch_dev: str) -> list[str]:
     """Fresh base filesystems (``-overlay`` does not mkfs them) and fstests' users."""
     force = "-f" if fs == "xfs" else "-F"
@@ -222,6 +219,25 @@ def prepare_argv(fs: str, test_dev: str, scratch_dev: str) -> list[str]:
               f"mkfs.{fs} -q {force} {test_dev}", f"mkfs.{fs} -q {force} {scratch_dev}",
               *USERS_SCRIPT, *UDEVSETTLE_SCRIPT]
     return ["sh", "-c", "\n".join(script)]
+
+
+def mounted_under(g: Runs, roots: Iterable[str] = (TEST_DIR, SCRATCH_MNT)) -> list[str]:
+    """The guest's mounts at or under ``roots``, in the order to unmount them: deepest
+    first, the later of two stacked on one point first."""
+    found = leftover_mounts(g.run(["cat", "/proc/mounts"], check=True).stdout, roots)
+    return sorted(reversed(found), key=lambda p: -p.count("/"))
+
+
+def release_mounts(g: Runs, fs: str) -> None:
+    """Before fstests on ``fs`` in a guest that ran it on another fs: kill whatever
+    still uses the test and scratch mounts (``fuser -km``), unmount them (overlays
+    first), and check none is left, so the next fs starts clean."""
+    for point in mounted_under(g):
+        g.run(["fuser", "-km", point], timeout=60)          # exits 1 when nobody used it
+        g.run(["umount", point], timeout=120)
+    left = mounted_under(g)
+    if left:
+        raise errors.FstestsMountsBusy(mounts=", ".join(left), fs=fs)
 
 
 # --- results ---------------------------------------------------------------------------
@@ -398,67 +414,6 @@ def render_diff(diffs: Iterable[Diff], title: str = "fstests -overlay: patched v
                 lines += [f"  - {item}" for item in items]
         lines.append("")
     return "\n".join(lines)
-
-
-# --- bringing results back -------------------------------------------------------------
-
-def _guest_text(g: Runs, path: str) -> str | None:
-    res = g.run(["sh", "-c", 'test -f "$1" && cat "$1"', "sh", path])
-    return res.stdout if res.exit_status == 0 else None
-
-
-def collect(g: Runs, test: str, fs: str, out_dir: Path, stdout: str = "") -> TestResult:
-    """After ``./check`` of one ``test``: its verdict from the guest's ``result.xml``,
-    merged into ``out_dir/result.xml``; ``check.log`` appended to ``out_dir/check.log``;
-    a failing test's ``.out.bad``, ``.full`` and ``.dmesg`` copied into ``out_dir``."""
-    base = f"{RESULT_BASE}/{fs}"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log = _guest_text(g, f"{base}/check.log") or ""
-    with open(out_dir / "check.log", "a") as fh:
-        fh.write(log)
-    g.run(["rm", "-f", f"{base}/check.log"])
-    xml = _guest_text(g, f"{base}/result.xml")
-    found = [r for r in parse_xunit(xml) if r.test == test] if xml else []
-    if xml:
-        merge_xunit(out_dir / "result.xml", xml, test)
-    result = found[0] if found else TestResult(test, FAILED, "./check left no verdict in result.xml: "
-                                               + runner.tail(stdout, 3).replace("\n", " | "))
-    if result.outcome == FAILED:
-        for suffix in (".out.bad", ".full", ".dmesg"):
-            text = _guest_text(g, f"{base}/{test}{suffix}")
-            if text is not None:
-                (out_dir / f"{test}{suffix}").parent.mkdir(parents=True, exist_ok=True)
-                (out_dir / f"{test}{suffix}").write_text(text)
-    return result
-
-
-def merge_xunit(path: Path, guest_xml: str, test: str, extra: TestResult | None = None) -> None:
-    """Add ``test``'s testcase from one ``./check -R xunit`` report to ``path`` (made if
-    missing), replacing an earlier one of the same name; ``extra`` writes a made-up case
-    (a hung test that left no report)."""
-    import xml.etree.ElementTree as ET
-
-    if path.is_file():
-        root = ET.parse(path).getroot()
-    else:
-        root = ET.Element("testsuite", name="xfstests")
-    for old in [c for c in root.findall("testcase") if c.get("name") == test]:
-        root.remove(old)
-    if extra is not None:
-        case = ET.SubElement(root, "testcase", classname="xfstests.global", name=test,
-                             time=f"{extra.seconds:.0f}")
-        ET.SubElement(case, "failure", message=extra.message, type="TestFail")
-    else:
-        for case in ET.fromstring(guest_xml).iter("testcase"):
-            if case.get("name") == test:
-                root.append(case)
-    cases = root.findall("testcase")
-    root.set("tests", str(len(cases)))
-    root.set("failures", str(sum(c.find("failure") is not None for c in cases)))
-    root.set("skipped", str(sum(c.find("skipped") is not None for c in cases)))
-    tmp = path.with_suffix(".tmp")
-    ET.ElementTree(root).write(tmp, encoding="unicode", xml_declaration=True)
-    tmp.replace(path)
 
 
 # --- the verdict of one session ----------------------------------------------------------
