@@ -84,7 +84,8 @@ class Settings:
     bench_virtme_package: str = "virtme-ng==1.42"
     bench_row: str = "volatile-to-volatile"
     bench_fs: str = "ext4"
-    bench_edit_rows: str = "volatile-to-volatile"
+    bench_edit_rows: str = "volatile-to-volatile and not nonvolatile"
+    bench_edit_fs: str = "ext4"
     bench_boot_timeout: float = 120.0
     suites: SuitePaths = field(default_factory=SuitePaths)
     project_root: Path = PROJECT_ROOT

@@ -270,3 +270,27 @@ def test_bench_runs_the_edit_measurement_without_dev_tree(tmp_path):
     rows, path = benchmain.run(s, ("edit",), 2)
     assert [r.note for r in rows] == [bench.NOT_RUN_EDIT] * 2
     assert json.loads(path.read_text())["host"]["accelerator"] == "no guest booted"
+
+
+def test_edit_to_verdict_makes_a_real_edit_and_restores_the_file(tmp_path, monkeypatch):
+    """A touch leaves overlay.ko byte for byte the same (retest says "unchanged"), so the
+    bench adds a kept symbol; the file is restored even when retest fails."""
+    tree = tmp_path / "tree"
+    for path, _, _ in benchsuite.EDITS:
+        (tree / path).parent.mkdir(parents=True, exist_ok=True)
+        (tree / path).write_text("int x;\n")
+    seen = []
+
+    def fake_invoke(settings, cwd, *args, check=True):
+        edited = [(tree / p).read_text() for p, _, _ in benchsuite.EDITS]
+        seen.append((args, edited))
+        mode = "module-reload" if "ovl_bench_edit" in edited[0] else "reboot"
+        return runner.Result(("invoke",) + args, 0, f"retest: {mode} (edited)\n", "")
+
+    monkeypatch.setattr(benchsuite, "invoke", fake_invoke)
+    rows = benchsuite.edit_to_verdict(benchrun.Bench(load(), 2, dev_tree=tree))
+    assert len(seen) == 4 and all("--fs" in a and "-k" in a for a, _ in seen)
+    assert "__used" in seen[0][1][0] and seen[0][1][1] == "int x;\n"       # one file at a time
+    assert seen[0][1][0] != seen[1][1][0]                                   # a new edit per sample
+    assert [r.note for r in rows] == ["retest: module-reload (edited)", "retest: reboot (edited)"]
+    assert all((tree / p).read_text() == "int x;\n" for p, _, _ in benchsuite.EDITS)
