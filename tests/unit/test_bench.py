@@ -289,8 +289,9 @@ def test_edit_to_verdict_makes_a_real_edit_and_restores_the_file(tmp_path, monke
 
     monkeypatch.setattr(benchsuite, "invoke", fake_invoke)
     rows = benchsuite.edit_to_verdict(benchrun.Bench(load(), 2, dev_tree=tree))
-    assert len(seen) == 4 and all("--fs" in a and "-k" in a for a, _ in seen)
-    assert "__used" in seen[0][1][0] and seen[0][1][1] == "int x;\n"       # one file at a time
-    assert seen[0][1][0] != seen[1][1][0]                                   # a new edit per sample
+    assert len(seen) == 5 and all("--fs" in a and "-k" in a for a, _ in seen)
+    assert seen[0][1] == ["int x;\n", "int x;\n"]                           # the uncounted warm-up
+    assert "__used" in seen[1][1][0] and seen[1][1][1] == "int x;\n"       # one file at a time
+    assert seen[1][1][0] != seen[2][1][0]                                   # a new edit per sample
     assert [r.note for r in rows] == ["retest: module-reload (edited)", "retest: reboot (edited)"]
     assert all((tree / p).read_text() == "int x;\n" for p, _, _ in benchsuite.EDITS)
