@@ -29,7 +29,7 @@ from vm.kernel import gitseries
 from vm.kernel.patch import parse_series
 from vm.settings import load
 
-pytestmark = [pytest.mark.slow]
+pytestmark = [pytest.mark.slow, pytest.mark.roundtrip]
 ROOT = Path(__file__).resolve().parents[2]
 ME = "Round Trip <round.trip@example.org>"
 FIXED = "readdir.c"          # the file the fixup edits: one patch of the series touches it
