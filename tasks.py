@@ -172,12 +172,12 @@ def test(c, variants="baseline,patched", keep_vm=False, k=None, debug=False, sou
          base=None):
     """Run the scenario suite on booted guests (building what is missing).  With --source
     tree:DIR on a series branch (`invoke series checkout`): DIR as P, its base commit as B."""
-    from vm import devloop
+    from vm.devloop import trees
 
     s = settings_of(c, base=base)
-    found = devloop.series_tree(source)
+    found = trees.series_tree(source)
     if found is not None:
-        result, built = devloop.test_tree(s, found, keyword=k, rows_for=_rows_for(rows_for), keep_vm=keep_vm)
+        result, built = trees.test_tree(s, found, keyword=k, rows_for=_rows_for(rows_for), keep_vm=keep_vm)
         for label, b in built.items():
             print(f"{label}: {b.kernel.bzimage} (built in {b.seconds:.0f}s)")
         print(f"test: {result.counts()} ({result.request.xml})")
@@ -371,20 +371,20 @@ SERIES_ACTIONS = ("checkout", "export")
 def series(c, action, tree, base=None, onto=None, worktree=None, force=False, branch=None, no_lint=False,
            source=None):
     """The series as a git branch: `invoke series checkout --tree DIR`, edit, `invoke series export --tree DIR`."""
-    from vm import devloop
+    from vm.devloop import series as devseries
 
     if action not in SERIES_ACTIONS:
         raise errors.BadArgument(what=f"unknown series action {action!r}", fix="use checkout or export")
     s = settings_of(c, base=base)
     repo = Path(tree).expanduser().resolve()
     if action == "checkout":
-        done = devloop.series_checkout(s, repo, onto=onto, worktree=Path(worktree) if worktree else None,
+        done = devseries.series_checkout(s, repo, onto=onto, worktree=Path(worktree) if worktree else None,
                                        force=force, source=source)
         print(f"branch {done.branch} checked out in {done.worktree} ({done.patches} patches on "
               f"{done.onto[:12]}); edit, commit, `git rebase -i {done.cover[:12]}`, `b4 prep`; "
               f"then `invoke series export --tree {tree}`")
         return
-    res = devloop.series_export(s, repo, branch=branch, lint=not no_lint, source=source)
+    res = devseries.series_export(s, repo, branch=branch, lint=not no_lint, source=source)
     ex = res.exported
     print(f"{s.patches_dir}: {len(ex.written)} written, {len(ex.kept)} unchanged, {len(ex.removed)} removed, "
           f"series file {'rewritten' if ex.series_file_changed else 'unchanged'}, cover letter "
@@ -402,11 +402,10 @@ ns.add_task(series)
 def retest(c, tree, k=None, fs=None, base=None):
     """The inner loop: rebuild P incrementally, boot, reboot or reload overlay.ko in the loop
     guest (left running), run the rows."""
-    from vm import devloop
-    from vm.devloop import loop
+    from vm.devloop import loop, trees
 
     s = settings_of(c, base=base)
-    done = loop.retest(s, devloop.require_series_tree(tree), keyword=k, filesystems=_csv(fs))
+    done = loop.retest(s, trees.require_series_tree(tree), keyword=k, filesystems=_csv(fs))
     # the library printed `retest: <path> (<why>)` when it decided, before acting on it
     print(f"verdict: {done.result.counts()} in {done.seconds:.0f}s (build {done.build_seconds:.0f}s, "
           f"{done.decision.path} {done.action_seconds:.0f}s, rows {done.session_seconds:.0f}s); "

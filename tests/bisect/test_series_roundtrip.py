@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 
 from tests.bisect.history import make_history
-from vm import devloop, pipeline, runner
+from vm import pipeline, runner
+from vm.devloop import series as devseries
 from vm.kernel import gitseries
 from vm.kernel.patch import parse_series
 from vm.settings import load
@@ -78,13 +79,13 @@ def test_round_trip_on_a_real_history(setup, tmp_path):
     assert original == snapshot(ROOT / "patches" / settings.base)
 
     # 1. checkout on the tag of the base's version, export untouched: nothing changes
-    done = devloop.series_checkout(settings, clone, worktree=tmp_path / "wt")
+    done = devseries.series_checkout(settings, clone, worktree=tmp_path / "wt")
     wt, branch = done.worktree, done.branch
     assert done.onto == git(clone, "rev-parse", f"v{tree.version}^{{commit}}").strip()
     assert done.patches == len(parse_series(patches / "series")) == 4
     assert worktree_list(clone) == worktrees_before + [f"worktree {wt}", f"HEAD {done.head}",
                                                         f"branch refs/heads/{branch}"]
-    res = devloop.series_export(settings, clone, lint=False)
+    res = devseries.series_export(settings, clone, lint=False)
     assert not res.exported.changed and not res.cover_written, (res.exported, res.cover_written)
     assert snapshot(patches) == original
     assert gitseries.user_state(clone) == user

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.unit.test_gitseries import COVER, _git, toy  # noqa: F401  (the toy clone fixture)
-from vm import devloop, errors
+from vm import errors
+from vm.devloop import series as devseries
 from vm.devloop import trees
 from vm.kernel import gitseries
 from vm.kernel.patch import parse_series
@@ -53,9 +54,9 @@ def test_tree_source_that_is_not_a_series_branch_keeps_its_meaning(series_wt, tm
     sub = wt / "sub"
     sub.mkdir()
     assert trees.detect(sub) is None                     # inside the work tree, not its top
-    assert devloop.series_tree(f"tree:{plain}") is None
-    assert devloop.series_tree("debian") is None
-    assert devloop.series_tree(f"tree:{wt}").worktree == wt.resolve()
+    assert trees.series_tree(f"tree:{plain}") is None
+    assert trees.series_tree("debian") is None
+    assert trees.series_tree(f"tree:{wt}").worktree == wt.resolve()
 
 
 def test_a_detached_head_or_another_b4_branch_is_not_a_series_tree(series_wt):
@@ -129,9 +130,9 @@ def test_baseline_worktree_is_checked_out_and_moved_without_touching_the_user(se
 
 def test_require_series_tree_says_why(tmp_path):
     with pytest.raises(errors.NotASeriesTree, match="invoke series checkout"):
-        devloop.require_series_tree(tmp_path)
+        trees.require_series_tree(tmp_path)
     with pytest.raises(errors.NotASeriesTree, match="no such directory"):
-        devloop.require_series_tree(tmp_path / "missing")
+        trees.require_series_tree(tmp_path / "missing")
     assert "fix:" in str(errors.NotASeriesTree(tree=Path("/x"), why="y"))
 
 
@@ -139,7 +140,7 @@ def test_the_default_series_worktree_sits_beside_ps_o_dir(series_wt, tmp_path):
     """src/ and obj/ side by side, as under builds/: ccache's relative paths then match."""
     repo, wt = series_wt
     settings = _settings(tmp_path)
-    default = devloop.default_worktree(settings, repo)
+    default = devseries.default_worktree(settings, repo)
     _git(repo, "worktree", "add", "-q", "-b", "b4/ovl-volatile-7.2-default", str(default), "b4/ovl-volatile-7.2")
     tp = trees.plan(settings, trees.detect(default))
     assert tp.patched.src == default.resolve()

@@ -203,3 +203,21 @@ def test_tree(settings: Settings, found: SeriesTree, *, keyword: str | None = No
     loopguest.stop_if_stale(settings, tp.root, tp.patched.label, built[tp.patched.judged_as].after)
     kernels = [(label, b.kernel) for label, b in built.items()]
     return pipeline.scenarios(settings, kernels, rows_for=rows_for, keyword=keyword, keep_vm=keep_vm), built
+
+
+def series_tree(source: str | None):
+    """The series work tree ``source`` (``tree:DIR``) names, or None (any other source)."""
+    path = tree_of(source)
+    return detect(path) if path is not None else None
+
+
+def require_series_tree(tree) -> "SeriesTree":
+    """The series work tree at ``tree``, or a one-line error saying why it is not one."""
+    path = Path(tree).expanduser().resolve()
+    found = detect(path)
+    if found is None:
+        why = ("no such directory" if not path.is_dir() else
+               "not the top of a git work tree, a detached HEAD, or a branch without the cover-letter "
+               "commit of `invoke series checkout`")
+        raise errors.NotASeriesTree(tree=path, why=why)
+    return found
