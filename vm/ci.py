@@ -71,6 +71,7 @@ def _main_phases(s: Settings, full: bool) -> list[Phase]:
     rows_for = s.ci_full_rows_for if full else s.ci_rows_for
     every = [v.label for v in pipeline.prefix_variants(s)] + [f"{pipeline.PATCHED}-debug"]
     spare = tuple(v for v in every if v not in variants)
+    pair = (pipeline.BASELINE, pipeline.PATCHED)
     return [
         Phase("unit", "unit", "unit tests", suite="unit", results="unit"),
         *[Phase(f"lint-{b}", "lint", f"lint {b}: checkpatch --strict, cover letter", base=b) for b in s.bases],
@@ -79,6 +80,13 @@ def _main_phases(s: Settings, full: bool) -> list[Phase]:
         *[Phase(f"scenarios-{v}", "scenarios", f"build {v} and run the scenarios on it", base=base,
                 variants=(v,), rows=tuple(rows_for.get(v, ())), suite="scenarios", results="scenarios")
           for v in variants],
+        # the field's own suites on the scenario kernels (kconfig/fstests.config is in
+        # ovl.fragments): the series' fstests test and the overlay tests that touch volatile,
+        # workdir or incompat handling, judged as P against B; unionmount-testsuite on both
+        Phase("fstests", "fstests", f"fstests -overlay {', '.join(s.fstests_ci_tests)} on baseline, "
+              f"patched ({', '.join(s.fstests_ci_fs)})", base=base, variants=pair),
+        Phase("unionmount", "unionmount", "unionmount-testsuite on baseline, patched", base=base,
+              variants=pair),
         Phase("boot-failures", "boot_failures", "boot failures: panic, hang, wrong key, detach, KVM fallback",
               base=base, variants=(pipeline.BASELINE,), suite="boot_failures", results="boot-failures"),
         Phase("faults", "suite", "faults: killed builds and boots, two runs at once, hung guest commands",
@@ -91,13 +99,7 @@ def _main_phases(s: Settings, full: bool) -> list[Phase]:
 def _full_phases(s: Settings) -> list[Phase]:
     pair = (pipeline.BASELINE, pipeline.PATCHED)
     out = [Phase("mutation", "mutation", "mutation check (series without its last patch)", base=s.base),
-           # the field's suites: their own kernels (kconfig/fstests.config) and image, ~12-13 min
-           # of tests and ~19 min of kernel builds measured here under TCG: over the main budget
-           Phase("fstests", "fstests", f"fstests -overlay {', '.join(s.fstests_ci_tests)} on baseline, "
-                 f"patched ({', '.join(s.fstests_ci_fs)})", base=s.base,
-                 variants=(pipeline.BASELINE, pipeline.PATCHED)),
-           Phase("unionmount", "unionmount", "unionmount-testsuite on baseline, patched", base=s.base,
-                 variants=(pipeline.BASELINE, pipeline.PATCHED)),
+           # every overlay/quick test on ext4 and xfs, B and P: MEASURED_QUICK under TCG
            Phase("fstests-full", "fstests_full", f"fstests -overlay -g {', '.join(s.fstests_full_groups)} on "
                  "baseline, patched (ext4, xfs)", base=s.base, variants=(pipeline.BASELINE, pipeline.PATCHED)),
            # review finding 2 on a kernel of its own (overlayfs built in, kprobe events): its

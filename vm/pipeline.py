@@ -336,12 +336,6 @@ def boot_rng_settings(settings: Settings) -> Settings:
     return replace(settings, fragments=settings.fragments + extra)
 
 
-def suite_settings(settings: Settings) -> Settings:
-    """The settings of the suites' kernels: ``ovl.fragments`` + ``ovl.suite_fragments``."""
-    extra = tuple(f for f in settings.suite_fragments if f not in settings.fragments)
-    return replace(settings, fragments=settings.fragments + extra)
-
-
 def suite_source(settings: Settings, which: str) -> fetch.SourceSpec:
     """``ovl.<which>_source`` parsed; a relative tarball:/tree: path is relative to the checkout."""
     text = getattr(settings, f"{which}_source")
@@ -392,7 +386,7 @@ def fstests_run(settings: Settings, variants: list[Variant], filesystems: tuple[
     selected = fstests.select(disk.root, groups, tests)
     runner.echo(f"  fstests: {len(selected)} test(s) x {', '.join(filesystems)} x "
                 f"{', '.join(v.label for v in variants)}")
-    kernels = build_variants(suite_settings(settings), variants)
+    kernels = build_variants(settings, variants)
     options = tuple(x for t in selected for x in ("--fstests-test", t))
     if mount_options:
         options += ("--fstests-mount-options", mount_options)
@@ -431,7 +425,7 @@ def unionmount_run(settings: Settings, variants: list[Variant]) -> SuiteResult:
     variant, one pytest session (JUnit in results/unionmount/); each variant's guest is
     its own, and the suite's mounts are cleaned up (and checked gone) after each run."""
     disk = suite_disk(settings, "unionmount")
-    kernels = build_variants(suite_settings(settings), variants)
+    kernels = build_variants(settings, variants)
     req = _suite_request(settings, "unionmount", kernels, disk)
     result = suite.run(settings.project_root, req)
     lines = [f"## unionmount-testsuite (base {settings.base})", "", result.counts(), ""]

@@ -71,7 +71,6 @@ class Settings:
     #: fstests and unionmount-testsuite (the field's own suites, see vm/suites/fstests.py)
     fstests_source: str = ""
     unionmount_source: str = ""
-    suite_fragments: tuple[str, ...] = ()     # kconfig fragments added for the suites' kernels
     suite_packages: tuple[str, ...] = ()      # guest packages the suites need at run time
     suite_scratch_size_mb: int = 16384        # sparse TEST/SCRATCH disks of the suites' guests
     fstests_timeout: float = 600.0            # seconds one fstests test may take (TCG)
@@ -115,7 +114,7 @@ class Settings:
             image_packages=tuple(self.image_packages),
             ci_variants=tuple(self.ci_variants), ci_full_variants=tuple(self.ci_full_variants),
             mutation_rows=tuple(self.mutation_rows),
-            suite_fragments=tuple(self.suite_fragments), suite_packages=tuple(self.suite_packages),
+            suite_packages=tuple(self.suite_packages),
             fstests_ci_tests=tuple(self.fstests_ci_tests), fstests_ci_fs=tuple(self.fstests_ci_fs),
             fstests_full_groups=tuple(self.fstests_full_groups),
             suite_scratch_size_mb=int(self.suite_scratch_size_mb), fstests_timeout=float(self.fstests_timeout),

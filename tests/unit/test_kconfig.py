@@ -1,6 +1,7 @@
 """kconfig fragments: parsing, validation, and a real merge with a dropped option."""
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,26 @@ def test_later_fragment_overrides_earlier(tmp_path):
     b.write_text("# CONFIG_X is not set\n")
     frags = kconfig.resolve_fragments([str(a), str(b)], tmp_path)
     assert kconfig.requested(frags) == {"CONFIG_X": "n", "CONFIG_Y": "y"}
+
+
+def _frags(tmp_path, **texts):
+    """Fragments in a directory of their own (a fresh one per call)."""
+    where = Path(tempfile.mkdtemp(dir=tmp_path))
+    for name, text in texts.items():
+        (where / f"{name}.config").write_text(text)
+    return kconfig.resolve_fragments([str(where / f"{name}.config") for name in texts], where)
+
+
+def test_fingerprint_follows_what_is_asked_not_how_it_is_written(tmp_path):
+    base = kconfig.fingerprint(_frags(tmp_path, one="CONFIG_X=y\nCONFIG_Y=m\n"))
+    # a comment, another order, the same request split across two fragments: the same kernel
+    assert kconfig.fingerprint(_frags(tmp_path, one="# why\nCONFIG_Y=m\n\nCONFIG_X=y\n")) == base
+    assert kconfig.fingerprint(_frags(tmp_path, a="CONFIG_X=y\n", b="# loop\nCONFIG_Y=m\n")) == base
+    # a value that changes, an option added or overridden by a later fragment: another kernel
+    assert kconfig.fingerprint(_frags(tmp_path, one="CONFIG_X=y\nCONFIG_Y=y\n")) != base
+    assert kconfig.fingerprint(_frags(tmp_path, one="CONFIG_X=y\nCONFIG_Y=m\nCONFIG_Z=y\n")) != base
+    assert kconfig.fingerprint(_frags(tmp_path, a="CONFIG_X=y\nCONFIG_Y=m\n",
+                                      b="# CONFIG_X is not set\n")) != base
 
 
 @pytest.fixture(scope="module")

@@ -51,11 +51,11 @@ def expected_cells(s: Settings, full: bool) -> list[str]:
     cells = ["unit:unit", *[f"lint:{b}" for b in s.bases], *[f"build:{s.base}/{v}" for v in built]]
     cells += [f"scenarios:{row}[{fs}-{v}]" for v in variants for row in (rows_for.get(v) or table.row_ids)
               for fs in table.filesystems]
-    cells += [f"smoke:{v}" for v in variants] + ["boot_failures:boot_failures", "suite:faults",
+    cells += [f"smoke:{v}" for v in variants] + ["fstests:" + s.base, "unionmount:" + s.base,
+                                                   "boot_failures:boot_failures", "suite:faults",
                                                    "suite:bisect[slow and not roundtrip]"]
     if full:
-        cells += ["mutation:" + s.base, "fstests:" + s.base, "unionmount:" + s.base,
-                  "fstests_full:" + s.base, "boot_id:boot_id", "fstests_mutation:" + s.base,
+        cells += ["mutation:" + s.base, "fstests_full:" + s.base, "boot_id:boot_id", "fstests_mutation:" + s.base,
                   "suite:bisect[roundtrip]"]
         for b in s.bases:
             if b != s.base:

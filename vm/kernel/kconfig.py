@@ -104,11 +104,14 @@ def validate(wanted: Mapping[str, str], config_path: Path) -> None:
 
 
 def fingerprint(fragments: Iterable[Fragment]) -> str:
-    h = hashlib.sha256()
-    for frag in fragments:
-        h.update(frag.path.name.encode())
-        h.update(frag.path.read_bytes())
-    return h.hexdigest()[:16]
+    """Names what the fragments ask for (:func:`requested`), not how it is written down.
+
+    allnoconfig + the merged request + olddefconfig is the whole recipe, so a
+    comment, a reordered line or an option moved from one fragment to another
+    keeps the key (and the kernel already built for it), while any change to a
+    requested value gives a new one."""
+    text = "\n".join(f"{name}={value}" for name, value in sorted(requested(fragments).items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def make_config(src: Path, obj: Path, fragments: list[Fragment], *, make_args: list[str],
