@@ -309,10 +309,12 @@ def _unionmount(s: Settings, variants) -> None:
 @harness_task(help={"full": "also run the full tier (see README)",
                     "shard": "run only this shard of the tier (a CI job; names: --list-shards)",
                     "list_shards": "print the tier's shards as JSON for a CI job matrix, run nothing",
-                    "gitlab": "with --list-shards: print the GitLab child pipeline that runs them"})
-def ci(c, full=False, shard=None, list_shards=False, gitlab=False):
+                    "gitlab": "with --list-shards: print the GitLab child pipeline that runs them",
+                    "lanes": "shards run at once, each in a process of its own, output prefixed [shard] "
+                             "(default: ovl.ci_lanes; 1: one after the other)"})
+def ci(c, full=False, shard=None, list_shards=False, gitlab=False, lanes=None):
     """The test command: unit tests, lint, every series prefix built, scenarios on booted guests."""
-    s = settings_of(c)
+    s = settings_of(c, ci_lanes=lanes)
     if list_shards:
         print(json.dumps(ci_plan.gitlab_pipeline(s, full) if gitlab else ci_plan.shard_matrix(s, full)))
         return

@@ -4,10 +4,11 @@
 (``ovl.bases``, ``ovl.ci_variants``, ``ovl.ci_rows_for``, the series' prefixes),
 never from names written here.  Each phase belongs to one shard; a shard is
 what one CI job runs (``invoke ci --shard NAME``), ``invoke ci`` runs every
-shard one after the other, and ``invoke ci --list-shards`` prints them as the
-JSON a CI job matrix reads.  Each shard writes its results and a manifest
-(``shard.json``) into ``<results>/shards/<shard>/``; :mod:`vm.suites.merge`
-joins them into one matrix and one JUnit file.
+shard (one after the other, or ``ovl.ci_lanes`` at once: :mod:`vm.lanes`), and
+``invoke ci --list-shards`` prints them as the JSON a CI job matrix reads.
+Each shard writes its results and a manifest (``shard.json``) into
+``<results>/shards/<shard>/``; :mod:`vm.suites.merge` joins them into one
+matrix and one JUnit file.
 
 Adding a phase is one line in :func:`_main_phases` (or :func:`_full_phases`)
 and, for a new kind of work, one function in :data:`RUNNERS`.
@@ -24,7 +25,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
-from vm import errors, pipeline, runner
+from vm import errors, lanes, pipeline, runner
 from vm.machine import qemu
 from vm.settings import Settings
 from vm.suites import merge
@@ -54,6 +55,11 @@ class Phase:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "Phase":
+        """What :meth:`to_dict` wrote (JSON: its tuples came back as lists)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
 @dataclass(frozen=True)
@@ -365,14 +371,19 @@ def run_shard(s: Settings, shard: Shard, phases: list[Phase], full: bool = False
 
 
 def run_all(s: Settings, phases: list[Phase], full: bool = False) -> merge.Merged:
-    """``invoke ci``: every shard one after the other, then their merge into ``ovl.results_dir``.
+    """``invoke ci``: every shard one after the other (``ovl.ci_lanes`` 1), or that many at
+    once, each in a process of its own (:mod:`vm.lanes`); then their merge into
+    ``ovl.results_dir``.
 
-    The merged report is written even when a shard fails (it stops the run there)."""
+    The merged report is written even when a shard fails (no shard starts after that)."""
     started: list[Path] = []
     try:
-        for each in shards(phases):
-            started.append(shard_dir(s, each.name))
-            run_shard(s, each, phases, full)
+        if s.ci_lanes > 1:
+            lanes.run(s, phases, full, shard_dir, started.append)
+        else:
+            for each in shards(phases):
+                started.append(shard_dir(s, each.name))
+                run_shard(s, each, phases, full)
     finally:
         if started:
             merged = merge.collect(started)

@@ -137,28 +137,61 @@ def run_logged(cmd: Cmd, log: Path, *, cwd: "os.PathLike[str] | str | None" = No
                     proc.wait()
 
 
+def start(cmd: Cmd, *, cwd: "os.PathLike[str] | str | None" = None,
+          env: Mapping[str, str] | None = None) -> subprocess.Popen:
+    """Start ``cmd`` in its own session and return at once: stdin closed, stdout and stderr
+    on one text pipe (``proc.stdout``, read it line by line as it comes).
+
+    For a caller that runs several commands side by side: a Ctrl-C reaches only the
+    harness, which then ends each one's whole group with :func:`stop_groups`."""
+    argv = _argv(cmd)
+    announce(argv, cwd)
+    if shutil.which(argv[0]) is None and not os.path.exists(argv[0]):
+        raise errors.MissingTool(tool=argv[0], package=argv[0])
+    return subprocess.Popen(argv, cwd=cwd, env={**os.environ, **(env or {})}, text=True, errors="replace",
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
 def _stop_group(proc: subprocess.Popen, grace: float = 15.0) -> None:
     """SIGTERM the process group led by ``proc``, SIGKILL what is left after ``grace`` s.
 
     Returns once the group is empty (zombies aside), so the caller may clean up
     the files its members were using.
     """
+    stop_groups([proc], grace)
+
+
+def stop_groups(procs: Sequence[subprocess.Popen], grace: float = 15.0) -> None:
+    """:func:`_stop_group` for several groups at once (each led by a command :func:`start`
+    ran in its own session): every group gets SIGTERM, then SIGKILL for what is left after
+    ``grace`` s, so the wait is ``grace`` once, not once per group.  Returns once every group
+    is empty (zombies aside); a group already empty is skipped."""
+    left = list(procs)
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
+        left = [p for p in left if _signal_group(p, sig)]
+        if not left or _wait_groups_gone(left, wait):
             break
-        if _wait_group_gone(proc, wait):
-            break
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=5)
+    for proc in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
 
 
-def _wait_group_gone(proc: subprocess.Popen, seconds: float) -> bool:
+def _signal_group(proc: subprocess.Popen, sig: int) -> bool:
+    """Send ``sig`` to the group ``proc`` leads; False when the group is gone."""
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _wait_groups_gone(procs: Sequence[subprocess.Popen], seconds: float) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        proc.poll()                      # reap the leader, so it does not count as alive
-        if not _group_alive(proc.pid):
+        for proc in procs:
+            proc.poll()                  # reap the leader, so it does not count as alive
+        if not any(group_alive(p.pid) for p in procs):
             return True
         time.sleep(0.05)
     return False
@@ -179,7 +212,7 @@ def pid_alive(pid: int) -> bool:
     return fields is not None and fields[0] != "Z"
 
 
-def _group_alive(pgid: int) -> bool:
+def group_alive(pgid: int) -> bool:
     """True while a process other than a zombie is in the group."""
     for proc in Path("/proc").glob("[0-9]*"):
         fields = proc_stat(proc.name)

@@ -67,6 +67,8 @@ class Settings:
     ci_rows_for: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({}))
     ci_full_variants: tuple[str, ...] = ()
     ci_full_rows_for: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({}))
+    #: shards `invoke ci` runs at once, each in a process of its own (1: one after the other, in-process)
+    ci_lanes: int = 1
     mutation_rows: tuple[str, ...] = ()
     #: fstests and unionmount-testsuite (the field's own suites, see vm/suites/fstests.py)
     fstests_source: str = ""
@@ -122,6 +124,9 @@ class Settings:
             suites=_suite_paths(self.suites),
             base_sources=MappingProxyType({str(k): str(v) for k, v in dict(self.base_sources or {}).items()}),
             ci_full_rows_for=_rows_map(self.ci_full_rows_for, "ci_full_rows_for"),
+            ci_lanes=_count(self.ci_lanes, "ci_lanes", least=1,
+                            fix="set it to 1 (shards one after the other) or more (shards at once), "
+                                "in invoke.yaml or with `invoke ci --lanes N`"),
             jobs=int(self.jobs), memory_mb=int(self.memory_mb), cpus=int(self.cpus),
             kvm_probe_timeout=float(self.kvm_probe_timeout), boot_timeout=float(self.boot_timeout),
             bench_repeat=int(self.bench_repeat), bench_boot_timeout=float(self.bench_boot_timeout),
@@ -181,6 +186,17 @@ def _suite_paths(value: Any) -> SuitePaths:
         raise errors.BadArgument(what=f"unknown ovl.suites key(s) {', '.join(unknown)}",
                                  fix=f"use {', '.join(sorted(known))}")
     return SuitePaths(**{k: str(v) for k, v in (value or {}).items()})
+
+
+def _count(value: Any, name: str, *, least: int, fix: str) -> int:
+    """A whole number of at least ``least`` from invoke.yaml, the environment or a flag ("2" too)."""
+    try:
+        number = int(value) if isinstance(value, (int, str)) and not isinstance(value, bool) else None
+    except ValueError:
+        number = None
+    if number is None or number < least:
+        raise errors.BadArgument(what=f"ovl.{name} must be a whole number >= {least}, not {value!r}", fix=fix)
+    return number
 
 
 def _rows_map(value: Any, name: str) -> Mapping[str, tuple[str, ...]]:

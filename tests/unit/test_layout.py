@@ -25,6 +25,8 @@ LAYERS["vm.devloop"] = 5.5
 #: `invoke bench` (issue 13): pure tables and parsers, the measurements, the run
 LAYERS.update({"vm.bench": 5.6, "vm.benchrun": 5.7, "vm.benchcmp": 5.8, "vm.benchsuite": 5.8,
                "vm.benchmain": 5.9})
+#: `invoke ci` in lanes: the scheduler under the plan, the child that runs one shard above it
+LAYERS.update({"vm.lanes": 5.95, "vm.lanechild": 6.5})
 MAX_FUNCTION_LINES = 60
 
 

@@ -184,6 +184,15 @@ def test_globs_and_comma_lists_name_the_dirs(two):
     assert merge.expand([f"{two[0]},{two[1]}"]) == two
 
 
+def test_a_glob_skips_the_files_beside_the_shard_dirs(two):
+    """`invoke ci` in lanes writes results/shards/<shard>.log and lanes.json next to the dirs."""
+    base = two[0].parent
+    for name in (f"{NAMES[0]}.log", "lanes.json"):
+        (base / name).write_text("not a shard\n")
+    assert merge.expand([f"{base}/*"]) == sorted(two)
+    merge.collect(merge.expand([f"{base}/*"]))     # NotAShard if a file got through
+
+
 def _invoke(*args):
     env = dict(os.environ, INVOKE_OVL_CACHE_DIR="/nonexistent-cache")
     return subprocess.run([sys.executable, "-m", "invoke", *args], cwd=ROOT, env=env,

@@ -89,7 +89,7 @@ def recorded(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("full", [False, True], ids=["main", "full"])
 def test_invoke_ci_runs_every_shard_and_the_shards_run_nothing_else(recorded, tmp_path, full):
-    s = replace(load(), results_dir=tmp_path / "whole")
+    s = replace(load(), results_dir=tmp_path / "whole", ci_lanes=1)     # in-process: the recorder sees it
     phases = ci.plan(s, full)
     merged = ci.run_all(s, phases, full)
     whole = list(recorded)
@@ -104,7 +104,7 @@ def test_invoke_ci_runs_every_shard_and_the_shards_run_nothing_else(recorded, tm
 
 
 def test_a_failing_phase_stops_invoke_ci_and_the_report_is_still_written(recorded, monkeypatch, tmp_path):
-    s = replace(load(), results_dir=tmp_path)
+    s = replace(load(), results_dir=tmp_path, ci_lanes=1)
 
     def broken(settings, phase):
         raise errors.LintFailed(count=1, patches="0001-x.patch")

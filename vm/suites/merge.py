@@ -54,11 +54,15 @@ class ShardResults:
 
 
 def expand(patterns: list[str]) -> list[Path]:
-    """Directories named or matched by glob patterns (``results/shards/*``), comma lists too."""
+    """Directories named or matched by glob patterns (``results/shards/*``), comma lists too.
+
+    A glob matches directories only: ``invoke ci`` in lanes leaves its per-shard logs and
+    its plan file (``<shard>.log``, ``lanes.json``) beside the shard dirs."""
     out: list[Path] = []
     for item in (p.strip() for pat in patterns for p in pat.split(",")):
         if item:
-            out += [Path(p) for p in sorted(glob.glob(item))] if glob.has_magic(item) else [Path(item)]
+            out += ([Path(p) for p in sorted(glob.glob(item)) if Path(p).is_dir()] if glob.has_magic(item)
+                    else [Path(item)])
     return out
 
 
