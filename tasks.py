@@ -36,14 +36,13 @@ def harness_task(*args, **kwargs):
         @functools.wraps(fn)
         def inner(c, *a, **kw):
             try:
-                return fn(c, *a, **kw)
+                with runner.sigterm_interrupts():   # `kill` stops its guests and builds too
+                    return fn(c, *a, **kw)
             except errors.HarnessError as exc:
-                kind = ("error" if isinstance(exc, errors.UserError) else
-                        "infrastructure error" if isinstance(exc, errors.InfraError) else "failed")
-                print(f"{kind}: {exc}", file=sys.stderr)
+                print(errors.one_line(exc), file=sys.stderr)
                 raise Exit(code=exc.exit_code) from None
-            except KeyboardInterrupt:
-                print("interrupted", file=sys.stderr)
+            except KeyboardInterrupt as exc:
+                print(f"interrupted{f' ({exc})' if str(exc) else ''}", file=sys.stderr)
                 raise Exit(code=130) from None
         return task(inner, **kwargs)
 

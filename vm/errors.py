@@ -351,3 +351,10 @@ class LoopGuestBusy(UserError):
 class NotASeriesTree(UserError):
     message = ("{tree} is not a work tree on a series branch ({why}); fix: make one with "
                "`invoke series checkout --tree YOUR_CLONE` and pass the worktree it prints")
+
+
+def one_line(exc: HarnessError) -> str:
+    """What a task prints on stderr for ``exc``: its kind (whose fault), then the message."""
+    kind = ("error" if isinstance(exc, UserError) else
+            "infrastructure error" if isinstance(exc, InfraError) else "failed")
+    return f"{kind}: {exc}"

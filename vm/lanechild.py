@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from vm import ci, errors, lanes
+from vm import ci, errors, lanes, runner
 
 
 def main(argv: Sequence[str]) -> int:
@@ -24,14 +24,12 @@ def main(argv: Sequence[str]) -> int:
         return 2
     lanes.die_with_parent()
     try:
-        with lanes.sigterm_interrupts():
+        with runner.sigterm_interrupts():
             plan = lanes.Plan.read(Path(argv[0]))
             phases = [ci.Phase.from_dict(p) for p in plan.phases]
             ci.run_shard(plan.settings, ci.pick(phases, argv[1]), phases, plan.full)
     except errors.HarnessError as exc:
-        kind = ("error" if isinstance(exc, errors.UserError) else
-                "infrastructure error" if isinstance(exc, errors.InfraError) else "failed")
-        print(f"{kind}: {exc}", file=sys.stderr)
+        print(errors.one_line(exc), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt as exc:
         print(f"interrupted ({exc or 'SIGINT'})", file=sys.stderr)

@@ -165,7 +165,7 @@ def run(s: Settings, phases: Sequence[Any], full: bool, shard_dir: ShardDir, sta
 
     t0 = time.monotonic()
     try:
-        with sigterm_interrupts():
+        with runner.sigterm_interrupts():
             schedule(jobs, s.ci_lanes, emit, on_end, grace=grace,
                      prepare=lambda job: shutil.rmtree(shard_dir(s, job.name), ignore_errors=True))
     finally:
@@ -267,24 +267,7 @@ def _copy(proc: subprocess.Popen, job: Job, emit: Emit) -> None:
             emit(f"[{job.name}] {line.rstrip(chr(10))}")
 
 
-@contextlib.contextmanager
-def sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt (in the main thread), so the ``finally`` clauses run."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
 def die_with_parent() -> None:
-    """SIGTERM (a clean stop, see :func:`sigterm_interrupts`) when the parent dies, even by SIGKILL."""
+    """SIGTERM (a clean stop, see :func:`vm.runner.sigterm_interrupts`) when the parent dies, even by SIGKILL."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG

@@ -192,7 +192,10 @@ def test_ctrl_c_resets_the_bisect(history, tmp_path):
                              "--bad", "main", "--series", str(series),
                              "--run", f"{sys.executable} -c {judge!r}"],
                             cwd=ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            # as from a terminal: a run started in the background (nohup, `cmd &`,
+                            # an `invoke ci` lane) inherits SIGINT ignored, and Ctrl-C would do nothing
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while not marker.is_file() or not marker.read_text():
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() is not None else "timeout"

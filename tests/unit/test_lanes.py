@@ -241,7 +241,17 @@ def _stop_children(kind: str, f: Fake, monkeypatch) -> list[str]:
     return wrong
 
 
+@pytest.fixture
+def sigint_as_from_a_terminal():
+    """Ctrl-C raises KeyboardInterrupt, as in a terminal, also when pytest was started with
+    SIGINT ignored (in the background, or inside an `invoke ci` lane); restored after."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("kind", ["ctrl-c", "sigterm", "error"])
+@pytest.mark.usefixtures("sigint_as_from_a_terminal")
 def test_an_interrupt_stops_every_childs_process_group_and_the_merge_still_happens(fake, monkeypatch,
                                                                                     tmp_path, kind):
     f = fake({"a": "hang", "b": "stubborn"})
