@@ -83,16 +83,17 @@ def _main_phases(s: Settings, full: bool) -> list[Phase]:
         *[Phase(f"lint-{b}", "lint", f"lint {b}: checkpatch --strict, cover letter", base=b) for b in s.bases],
         Phase("build", "build", f"build the prefixes no scenario shard builds ({', '.join(spare)})",
               base=base, variants=spare),
-        *[Phase(f"scenarios-{v}", "scenarios", f"build {v} and run the scenarios on it", base=base,
-                variants=(v,), rows=tuple(rows_for.get(v, ())), suite="scenarios", results="scenarios")
-          for v in variants],
         # the field's own suites on the scenario kernels (kconfig/fstests.config is in
         # ovl.fragments): the series' fstests test and the overlay tests that touch volatile,
-        # workdir or incompat handling, judged as P against B; unionmount-testsuite on both
+        # workdir or incompat handling, judged as P against B; unionmount-testsuite on both.  The
+        # longest shards, so they start first: in lanes (ovl.ci_lanes) the short ones fill in
         Phase("fstests", "fstests", f"fstests -overlay {', '.join(s.fstests_ci_tests)} on baseline, "
               f"patched ({', '.join(s.fstests_ci_fs)})", base=base, variants=pair),
         Phase("unionmount", "unionmount", "unionmount-testsuite on baseline, patched", base=base,
               variants=pair),
+        *[Phase(f"scenarios-{v}", "scenarios", f"build {v} and run the scenarios on it", base=base,
+                variants=(v,), rows=tuple(rows_for.get(v, ())), suite="scenarios", results="scenarios")
+          for v in variants],
         Phase("boot-failures", "boot_failures", "boot failures: panic, hang, wrong key, detach, KVM fallback",
               base=base, variants=(pipeline.BASELINE,), suite="boot_failures", results="boot-failures"),
         Phase("faults", "suite", "faults: killed builds and boots, two runs at once, hung guest commands",
