@@ -88,9 +88,9 @@ def _main_phases(s: Settings, full: bool) -> list[Phase]:
         # workdir or incompat handling, judged as P against B; unionmount-testsuite on both.  The
         # longest shards, so they start first: in lanes (ovl.ci_lanes) the short ones fill in
         Phase("fstests", "fstests", f"fstests -overlay {', '.join(s.fstests_ci_tests)} on baseline, "
-              f"patched ({', '.join(s.fstests_ci_fs)})", base=base, variants=pair),
+              f"patched ({', '.join(s.fstests_ci_fs)})", base=base, variants=pair, results="fstests/fstests"),
         Phase("unionmount", "unionmount", "unionmount-testsuite on baseline, patched", base=base,
-              variants=pair),
+              variants=pair, results="unionmount/unionmount"),
         *[Phase(f"scenarios-{v}", "scenarios", f"build {v} and run the scenarios on it", base=base,
                 variants=(v,), rows=tuple(rows_for.get(v, ())), suite="scenarios", results="scenarios")
           for v in variants],

@@ -16,7 +16,7 @@ from vm.kernel import build, fetch, kconfig
 from vm.kernel.patch import Series, parse_series
 from vm.machine import guest, image
 from vm.settings import Settings
-from vm.suites import fstests, suite
+from vm.suites import fstests, report, suite
 from vm.suites.scenario import Expectations
 from vm.suites.suite import SuiteRequest, SuiteResult
 
@@ -430,7 +430,7 @@ def unionmount_run(settings: Settings, variants: list[Variant]) -> SuiteResult:
     result = suite.run(settings.project_root, req)
     lines = [f"## unionmount-testsuite (base {settings.base})", "", result.counts(), ""]
     lines += [f"- {c.name}: {c.outcome}{(': ' + c.message) if c.message else ''}" for c in result.cases]
-    fstests.merge_section(settings.results_dir / "matrix.md", "unionmount-testsuite", "\n".join(lines))
+    report.merge_section(settings.results_dir / "matrix.md", "unionmount-testsuite", "\n".join(lines))
     (req.results_dir / "report.md").write_text("\n".join(lines) + "\n")
     return result
 

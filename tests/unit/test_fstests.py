@@ -13,7 +13,7 @@ import pytest
 
 from vm import errors
 from vm.kernel import fetch
-from vm.suites import fstests
+from vm.suites import fstests, report
 from vm.suites.fstests import FAILED, NOTRUN, PASSED, KnownFailures, TestResult
 from vm.suites.junit import Case
 
@@ -245,9 +245,9 @@ def test_leftover_mounts_and_unmount_order():
 def test_merge_section_replaces_its_own_section(tmp_path):
     md = tmp_path / "matrix.md"
     md.write_text("# scenario matrix\n")
-    fstests.merge_section(md, "fstests", "## fstests\none")
-    fstests.merge_section(md, "fstests", "## fstests\ntwo")
-    fstests.merge_section(md, "unionmount", "## unionmount\nok")
+    report.merge_section(md, "fstests", "## fstests\none")
+    report.merge_section(md, "fstests", "## fstests\ntwo")
+    report.merge_section(md, "unionmount", "## unionmount\nok")
     text = md.read_text()
     assert text.startswith("# scenario matrix") and "one" not in text
     assert text.count("## fstests") == 1 and "## unionmount" in text

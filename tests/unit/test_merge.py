@@ -209,3 +209,27 @@ def test_invoke_report_merge(two, tmp_path):
     assert NAMES[1] in line and "fix:" in line
     res = _invoke("report", "--summary", "--merge", str(two[0]))
     assert res.returncode == 0 and res.stdout.startswith("# CI results") and "**missing**" not in res.stdout
+
+
+def test_a_suite_shards_report_section_and_nested_junit_reach_the_merge(two, tmp_path):
+    """fstests and unionmount shards write their verdict as a section of the shard's
+    matrix.md and their JUnit under a subdir: both are in the merged results."""
+    suite_dir = two[1]
+    (suite_dir / "fstests").mkdir()
+    (suite_dir / "fstests" / "fstests.xml").write_text(
+        '<testsuites><testsuite name="pytest">'
+        '<testcase classname="tests.fstests.test_fstests" name="test_fstests[overlay/118-xfs-patched]"/>'
+        '<testcase classname="tests.fstests.test_fstests" name="test_fstests[overlay/118-xfs-baseline]">'
+        '<skipped message="notrun: kernel cannot reuse a volatile workdir"/></testcase>'
+        '</testsuite></testsuites>')
+    _set_manifest(suite_dir, junit=[*_manifest(suite_dir)["junit"], "fstests/fstests.xml"])
+    section = "## fstests -overlay (base 7.2)\n\n### base fs xfs: OK"
+    (suite_dir / "matrix.md").write_text(
+        "# the shard's own matrix\n\n<!-- suite: fstests -overlay -->\n" + section + "\n<!-- end suite: fstests -overlay -->\n")
+    m = merge.merge(two, tmp_path / "out")
+    md = (tmp_path / "out" / "matrix.md").read_text()
+    assert "prefix-3 ext4" in md and section in md       # the matrix and the suite's section
+    assert section in (tmp_path / "out" / merge.SUMMARY).read_text()
+    cases = _cases(tmp_path / "out" / merge.JUNIT)
+    assert "tests.fstests.test_fstests::test_fstests[overlay/118-xfs-baseline]" in cases
+    assert m.counts()["skipped"] == 1                        # notrun stays notrun, never a pass

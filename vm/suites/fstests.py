@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Protocol
 
 from vm import errors, runner
+from vm.suites import report
 
 #: bump when the build recipe changes: part of every suite disk's key
 RECIPE = "1"
@@ -470,7 +471,7 @@ class Verdict:
         results_dir.mkdir(parents=True, exist_ok=True)
         text = self.render(title, base)
         (results_dir / "report.md").write_text(text + "\n")
-        merge_section(matrix_md, title, text)
+        report.merge_section(matrix_md, title, text)
         return results_dir / "report.md"
 
 
@@ -501,18 +502,6 @@ def judge(cases: Iterable, known: KnownFailures, labels: list[str], filesystems:
                 if r.outcome == FAILED and not known.reason(r.test, fs, variant):
                     problems.append(f"{r.test} failed on {fs} ({variant}): {r.message}")
     return Verdict(results, tuple(diffs), tuple(problems))
-
-
-def merge_section(path: Path, key: str, text: str) -> None:
-    """Put ``text`` into the Markdown report ``path`` as the section ``key`` (replacing
-    an earlier one), so the matrix report has a section per suite."""
-    begin, end = f"<!-- suite: {key} -->", f"<!-- end suite: {key} -->"
-    old = path.read_text() if path.is_file() else ""
-    if begin in old and end in old:
-        head, _, rest = old.partition(begin)
-        old = head.rstrip("\n") + rest.partition(end)[2]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text((old.rstrip("\n") + "\n\n" if old.strip() else "") + f"{begin}\n{text.rstrip()}\n{end}\n")
 
 
 # --- unionmount-testsuite ------------------------------------------------------------------

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vm import errors
-from vm.suites import junit
+from vm.suites import junit, report
 from vm.suites.report import MATRIX_JSON, NOT_RUN, Matrix, variant_title
 
 MANIFEST = "shard.json"
@@ -86,6 +86,7 @@ class Merged:
     conflicts: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     unfinished: list[str] = field(default_factory=list)
+    sections: dict[str, str] = field(default_factory=dict)   # a suite's report section of matrix.md
 
     @property
     def failed(self) -> list[str]:
@@ -174,6 +175,8 @@ def collect(dirs: list[Path]) -> Merged:
         _collect_junit(m, sh)
         for kind, matrix in sh.matrices().items():
             _collect_matrix(m, kind, matrix, sh.name)
+        md = sh.path / "matrix.md"      # the suites' sections (fstests, unionmount-testsuite)
+        m.sections.update(report.suite_sections(md.read_text()) if md.is_file() else {})
     return m
 
 
@@ -221,6 +224,8 @@ def summary(m: Merged) -> str:
         lines += ["## Conflicts", ""] + [f"- {_cell(c)}" for c in m.conflicts] + [""]
     for kind, matrix in sorted(m.matrices.items()):
         lines += ([f"<!-- {kind}/ -->"] if kind else []) + matrix.render_markdown().splitlines() + [""]
+    for text in m.sections.values():
+        lines += text.splitlines() + [""]
     return "\n".join(lines) + "\n"
 
 
@@ -233,6 +238,8 @@ def write(m: Merged, out: Path) -> list[Path]:
     written = []
     for kind, matrix in m.matrices.items():
         written += list(matrix.write(out / kind if kind else out))
+    for key, text in m.sections.items():
+        report.merge_section(out / "matrix.md", key, text)
     written.append(write_junit(m, out / JUNIT))
     (out / SUMMARY).write_text(summary(m))
     written.append(out / SUMMARY)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -264,3 +265,24 @@ def variant_title(variant: str) -> str:
 def _md_cell(text: object) -> str:
     """Make text safe inside one Markdown table cell."""
     return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def merge_section(path: Path, key: str, text: str) -> None:
+    """Put ``text`` into the Markdown report ``path`` as the section ``key`` (replacing
+    an earlier one), so the matrix report has a section per suite."""
+    begin, end = f"<!-- suite: {key} -->", f"<!-- end suite: {key} -->"
+    old = path.read_text() if path.is_file() else ""
+    if begin in old and end in old:
+        head, _, rest = old.partition(begin)
+        old = head.rstrip("\n") + rest.partition(end)[2]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text((old.rstrip("\n") + "\n\n" if old.strip() else "") + f"{begin}\n{text.rstrip()}\n{end}\n")
+
+
+_SECTION = re.compile(r"<!-- suite: (?P<key>.+?) -->\n(?P<body>.*?)\n<!-- end suite: (?P=key) -->", re.S)
+
+
+def suite_sections(text: str) -> dict[str, str]:
+    """The sections :func:`merge_section` wrote into a report, key -> text (a shard's
+    ``matrix.md`` -> the merged one)."""
+    return {m["key"]: m["body"] for m in _SECTION.finditer(text)}
