@@ -312,7 +312,7 @@ def _unionmount(s: Settings, variants) -> None:
                     "lanes": "shards run at once, each in a process of its own, output prefixed [shard] "
                              "(default: ovl.ci_lanes; 1: one after the other)"})
 def ci(c, full=False, shard=None, list_shards=False, gitlab=False, lanes=None):
-    """The test command: unit tests, lint, every series prefix built, scenarios on booted guests."""
+    """The test command: unit tests, lint, every series prefix built, scenarios, fstests and unionmount on guests."""
     s = settings_of(c, ci_lanes=lanes)
     if list_shards:
         print(json.dumps(ci_plan.gitlab_pipeline(s, full) if gitlab else ci_plan.shard_matrix(s, full)))
