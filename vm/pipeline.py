@@ -336,16 +336,34 @@ def boot_rng_settings(settings: Settings) -> Settings:
     return replace(settings, fragments=settings.fragments + extra)
 
 
+#: how a source path into the shared material (``ovl.shared_dirs``) starts
+SHARED_PREFIX = "../shared/"
+
+
 def suite_source(settings: Settings, which: str) -> fetch.SourceSpec:
-    """``ovl.<which>_source`` parsed; a relative tarball:/tree: path is relative to the checkout."""
+    """``ovl.<which>_source`` parsed; a relative tarball:/tree: path is relative to the checkout,
+    and one into ``../shared/`` is looked up in each of ``ovl.shared_dirs`` (the first that has it)."""
     text = getattr(settings, f"{which}_source")
     if not text:
         raise errors.BadArgument(what=f"ovl.{which}_source is empty",
                                  fix="set it to tarball:PATH#sha256=HEX or git:URL@REF in invoke.yaml")
     prefix, sep, rest = text.partition(":")
     if sep and prefix in ("tarball", "tree") and not rest.startswith(("/", "http://", "https://", "file:")):
-        text = f"{prefix}:{settings.project_root / rest}"
+        text = f"{prefix}:{local_path(settings, rest)}"
     return fetch.SourceSpec.parse(text, settings.base)
+
+
+def local_path(settings: Settings, rest: str) -> str:
+    """``rest`` (a relative path, perhaps with a ``#sha256=`` tail) made absolute: under the
+    checkout, or for ``../shared/...`` under the first of ``ovl.shared_dirs`` that has the file
+    (a clone elsewhere on the machine, e.g. CI's, still finds the shared material)."""
+    path, hash_sep, tail = rest.partition("#")
+    candidates = [settings.project_root / path]
+    if path.startswith(SHARED_PREFIX):
+        inside = path[len(SHARED_PREFIX):]
+        candidates = [settings.project_root / d / inside for d in settings.shared_dirs] or candidates
+    found = next((c for c in candidates if c.exists()), candidates[0])
+    return f"{found}{hash_sep}{tail}"
 
 
 def suite_disk(settings: Settings, which: str) -> fstests.SuiteDisk:
@@ -358,7 +376,8 @@ def suite_disk(settings: Settings, which: str) -> fstests.SuiteDisk:
         except errors.SourceNotFound as exc:
             raise errors.BadArgument(what=f"{which} source {exc.fields.get('what')} not found",
                                      fix=f"set ovl.{which}_source to the tarball's path (../shared/vendor/, "
-                                         "see its SHA256SUMS) or to its upstream git (README)") from None
+                                         "see its SHA256SUMS; ovl.shared_dirs lists where ../shared/ is looked "
+                                         "up) or to its upstream git (README)") from None
     patches = fstests.series_patches(settings.project_root / "patches" / "fstests") if which == "fstests" else []
     return fstests.build_disk(which, tree.path, tree.key, patches, settings.sub("suites") / "builds",
                               make=which == "fstests", jobs=settings.jobs)

@@ -71,6 +71,9 @@ class Settings:
     ci_lanes: int = 1
     mutation_rows: tuple[str, ...] = ()
     #: fstests and unionmount-testsuite (the field's own suites, see vm/suites/fstests.py)
+    #: where the shared material (SCENARIOS.md, vendor/) may be: a source path into ../shared/
+    #: is looked up in each, the first that has it (relative: to the checkout)
+    shared_dirs: tuple[str, ...] = ("../shared",)
     fstests_source: str = ""
     unionmount_source: str = ""
     suite_packages: tuple[str, ...] = ()      # guest packages the suites need at run time
@@ -116,7 +119,7 @@ class Settings:
             image_packages=tuple(self.image_packages),
             ci_variants=tuple(self.ci_variants), ci_full_variants=tuple(self.ci_full_variants),
             mutation_rows=tuple(self.mutation_rows),
-            suite_packages=tuple(self.suite_packages),
+            suite_packages=tuple(self.suite_packages), shared_dirs=tuple(str(d) for d in self.shared_dirs),
             fstests_ci_tests=tuple(self.fstests_ci_tests), fstests_ci_fs=tuple(self.fstests_ci_fs),
             fstests_full_groups=tuple(self.fstests_full_groups),
             suite_scratch_size_mb=int(self.suite_scratch_size_mb), fstests_timeout=float(self.fstests_timeout),

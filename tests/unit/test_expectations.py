@@ -8,6 +8,7 @@ import pytest
 
 from tests.fakes import FakeConnection
 from vm import errors
+from vm.settings import load
 from vm.suites import scenario
 from vm.suites.scenario import Expectations, Outcome, RowRun
 
@@ -15,7 +16,8 @@ pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[2]
 TABLE = ROOT / "tests" / "scenarios" / "expectations.json"
-SCENARIOS_MD = [ROOT.parent / "shared" / "SCENARIOS.md", Path("/work/shared/SCENARIOS.md")]
+#: ../shared/SCENARIOS.md beside the checkout, else where ovl.shared_dirs says (a clone elsewhere, e.g. CI's)
+SCENARIOS_MD = [ROOT / d / "SCENARIOS.md" for d in load().shared_dirs]
 VARIANTS = ["baseline", "prefix-1", "prefix-2", "prefix-3", "patched"]
 
 

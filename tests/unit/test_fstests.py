@@ -251,3 +251,28 @@ def test_merge_section_replaces_its_own_section(tmp_path):
     text = md.read_text()
     assert text.startswith("# scenario matrix") and "one" not in text
     assert text.count("## fstests") == 1 and "## unionmount" in text
+
+
+def test_a_shared_path_is_found_from_a_clone_that_is_not_beside_it(tmp_path):
+    """CI clones the project elsewhere: ../shared/vendor/... is then looked up in ovl.shared_dirs."""
+    from dataclasses import replace
+
+    from vm import pipeline
+    from vm.settings import load
+
+    clone, elsewhere = tmp_path / "ci" / "clone", tmp_path / "work" / "shared"
+    clone.mkdir(parents=True)
+    (elsewhere / "vendor").mkdir(parents=True)
+    (elsewhere / "vendor" / "suite.tar.gz").write_bytes(b"x")
+    sha = "a" * 64
+    s = replace(load(), project_root=clone, shared_dirs=("../shared", str(elsewhere)),
+                fstests_source=f"tarball:../shared/vendor/suite.tar.gz#sha256={sha}")
+    spec = pipeline.suite_source(s, "fstests")
+    assert Path(spec.value) == elsewhere / "vendor" / "suite.tar.gz" and spec.sha256 == sha
+    (clone.parent / "shared" / "vendor").mkdir(parents=True)          # beside the clone: it wins
+    (clone.parent / "shared" / "vendor" / "suite.tar.gz").write_bytes(b"x")
+    assert Path(pipeline.suite_source(s, "fstests").value).resolve() == clone.parent / "shared" / "vendor" / "suite.tar.gz"
+    # nowhere: the checkout-relative path, which the fetch then names as missing
+    gone = replace(s, shared_dirs=("../shared", str(tmp_path / "nothing")),
+                   fstests_source="tarball:../shared/vendor/other.tar.gz")
+    assert Path(pipeline.suite_source(gone, "fstests").value).resolve() == clone.parent / "shared" / "vendor" / "other.tar.gz"
