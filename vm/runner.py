@@ -58,17 +58,24 @@ def tail(text: str, lines: int = 5) -> str:
     return " | ".join(kept)
 
 
+def _prepare(cmd: Cmd, cwd: "os.PathLike[str] | str | None", *, quiet: bool = False) -> list[str]:
+    """``cmd`` as argv, announced as a copy-pasteable line (unless ``quiet``); a program
+    that is not there is a :class:`~vm.errors.MissingTool`, before anything starts."""
+    argv = _argv(cmd)
+    if not quiet:
+        announce(argv, cwd)
+    if shutil.which(argv[0]) is None and not os.path.exists(argv[0]):
+        raise errors.MissingTool(tool=argv[0], package=argv[0])
+    return argv
+
+
 def run(cmd: Cmd, *, cwd: "os.PathLike[str] | str | None" = None,
         env: Mapping[str, str] | None = None, check: bool = True,
         capture: bool = True, timeout: float | None = None,
         input: str | None = None, quiet: bool = False,
         fix: str = "see the command's output above") -> Result:
     """Run ``cmd`` to completion and return its :class:`Result`."""
-    argv = _argv(cmd)
-    if not quiet:
-        announce(argv, cwd)
-    if shutil.which(argv[0]) is None and not os.path.exists(argv[0]):
-        raise errors.MissingTool(tool=argv[0], package=argv[0])
+    argv = _prepare(cmd, cwd, quiet=quiet)
     full_env = None
     if env:
         full_env = dict(os.environ)
@@ -103,10 +110,7 @@ def run_logged(cmd: Cmd, log: Path, *, cwd: "os.PathLike[str] | str | None" = No
     only the harness, which then stops the command's whole process group
     (SIGTERM, then SIGKILL) before cleaning up after it.
     """
-    argv = _argv(cmd)
-    announce(argv, cwd)
-    if shutil.which(argv[0]) is None and not os.path.exists(argv[0]):
-        raise errors.MissingTool(tool=argv[0], package=argv[0])
+    argv = _prepare(cmd, cwd)
     full_env = dict(os.environ)
     if env:
         full_env.update(env)
@@ -145,10 +149,7 @@ def start(cmd: Cmd, *, cwd: "os.PathLike[str] | str | None" = None,
 
     For a caller that runs several commands side by side: a Ctrl-C reaches only the
     harness, which then ends each one's whole group with :func:`stop_groups`."""
-    argv = _argv(cmd)
-    announce(argv, cwd)
-    if shutil.which(argv[0]) is None and not os.path.exists(argv[0]):
-        raise errors.MissingTool(tool=argv[0], package=argv[0])
+    argv = _prepare(cmd, cwd)
     return subprocess.Popen(argv, cwd=cwd, env={**os.environ, **(env or {})}, text=True, errors="replace",
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -260,10 +261,7 @@ def run_until(cmd: Cmd, log: Path, until: Callable[[str], bool], *, timeout: flo
     """Run ``cmd`` (its own session, stdout+stderr into ``log``) until a line makes ``until``
     true, then stop its process group; or until it exits, or ``timeout`` s pass (stopped too).
     Times a boot to its first sign of life without waiting for what follows."""
-    argv = _argv(cmd)
-    announce(argv, cwd)
-    if shutil.which(argv[0]) is None and not os.path.exists(argv[0]):
-        raise errors.MissingTool(tool=argv[0], package=argv[0])
+    argv = _prepare(cmd, cwd)
     log.parent.mkdir(parents=True, exist_ok=True)
     lines: list[str] = []
     start = time.monotonic()
