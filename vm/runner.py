@@ -199,6 +199,13 @@ def _wait_groups_gone(procs: Sequence[subprocess.Popen], seconds: float) -> bool
     return False
 
 
+def pids() -> list[int]:
+    """Every pid in /proc now. Only the directory is read: a glob such as
+    ``/proc/[0-9]*/cmdline`` stats each entry, and a process exiting in between
+    makes that stat raise ProcessLookupError (seen in CI)."""
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
 def proc_stat(pid: int | str) -> list[str] | None:
     """The fields of ``/proc/<pid>/stat`` after the command name (state, ppid, pgrp,
     session, ...), or None if the process is gone."""
@@ -216,8 +223,8 @@ def pid_alive(pid: int) -> bool:
 
 def group_alive(pgid: int) -> bool:
     """True while a process other than a zombie is in the group."""
-    for proc in Path("/proc").glob("[0-9]*"):
-        fields = proc_stat(proc.name)
+    for pid in pids():
+        fields = proc_stat(pid)
         if fields is not None and int(fields[2]) == pgid and fields[0] != "Z":
             return True
     return False

@@ -25,7 +25,7 @@ from typing import Callable
 import pytest
 
 from vm.kernel.build import users_of
-from vm.runner import pid_alive
+from vm.runner import pid_alive, pids
 from vm.settings import Settings, load
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -148,13 +148,13 @@ def leftovers(path: Path, timeout: float = 10.0) -> list[str]:
 def qemus_under(path: Path) -> list[int]:
     """Live (non-zombie) QEMU processes whose command line names something under ``path``."""
     found = []
-    for proc in Path("/proc").glob("[0-9]*"):
+    for pid in pids():
         try:
-            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
         except OSError:
             continue
-        if "qemu-system" in cmdline and f"{path}/" in cmdline and pid_alive(int(proc.name)):
-            found.append(int(proc.name))
+        if "qemu-system" in cmdline and f"{path}/" in cmdline and pid_alive(pid):
+            found.append(pid)
     return found
 
 

@@ -181,3 +181,25 @@ def test_a_boot_into_a_run_dir_held_elsewhere_is_refused(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_process_scans_survive_a_process_exiting_mid_scan(tmp_path, monkeypatch):
+    """A process that exits while /proc is scanned must not fail the scan: a stat of its
+    /proc/<pid>/cmdline then raises ProcessLookupError (a bisect step in CI failed its
+    setup on exactly that). The scans read /proc's listing and each file, never stat."""
+    from pathlib import Path as P
+
+    from vm import runner
+    from vm.kernel import build
+
+    real_stat = P.stat
+
+    def exiting(self, *args, **kwargs):
+        if self.parent.parent == P("/proc") and self.parent.name.isdigit():
+            raise ProcessLookupError(3, "No such process", str(self))
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(P, "stat", exiting)
+    assert guest.qemu_pids(tmp_path) == []
+    assert build.users_of(tmp_path) == []
+    assert runner.group_alive(os.getpgrp())

@@ -182,17 +182,17 @@ def users_of(path: Path) -> list[int]:
     lead a session (a user's shell sitting there is left alone)."""
     inside, mine = str(path) + "/", _ancestors()
     found = []
-    for proc in Path("/proc").glob("[0-9]*"):
+    for pid in runner.pids():
+        proc = Path(f"/proc/{pid}")
         try:
             args = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
             cwd = os.readlink(proc / "cwd") + "/"
         except OSError:
             continue
-        fields = runner.proc_stat(proc.name)
+        fields = runner.proc_stat(pid)
         if fields is None:
             continue
         session = int(fields[3])
-        pid = int(proc.name)
         named = any(a == str(path) or inside in a + "/" for a in args)
         if pid not in mine and (named or (cwd.startswith(inside) and session != pid)):
             found.append(pid)

@@ -149,8 +149,7 @@ def _mtime(run_dir: Path) -> float:
 
 def qemu_pids(run_dir: Path) -> list[int]:
     """Live QEMU processes started for ``run_dir``."""
-    return [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/cmdline")
-            if _pid_is_qemu(int(p.parent.name), run_dir)]
+    return [pid for pid in runner.pids() if _pid_is_qemu(pid, run_dir)]
 
 
 def plan(settings: Settings, kernel: Kernel, image: Image, run_dir: Path,
