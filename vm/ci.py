@@ -344,8 +344,11 @@ class Record:
         tmp.replace(directory / MANIFEST)
 
 
-def run_shard(s: Settings, shard: Shard, phases: list[Phase], full: bool = False) -> Path:
+def run_shard(s: Settings, shard: Shard, phases: list[Phase], full: bool = False, *,
+              tagged: bool = True) -> Path:
     """Run every phase of ``shard`` into its own results dir; stop at the first that fails.
+    ``tagged``: name the shard in each phase's ``==>`` line (a lane prefixes every line
+    with it already).
 
     The manifest says which phases ran and how, so a merge tells a shard that
     failed or never finished from one that passed."""
@@ -360,7 +363,7 @@ def run_shard(s: Settings, shard: Shard, phases: list[Phase], full: bool = False
     start = time.monotonic()
     try:
         for entry, phase in zip(rec.phases, shard.phases):
-            _run_phase(mine, phase, entry, rec, out)
+            _run_phase(mine, phase, entry, rec, out, tagged)
         rec.status = "passed"
     finally:
         rec.status = rec.status if rec.status == "passed" else "failed"
@@ -393,10 +396,10 @@ def run_all(s: Settings, phases: list[Phase], full: bool = False) -> merge.Merge
     return merged
 
 
-def _run_phase(s: Settings, phase: Phase, entry: dict, rec: Record, out: Path) -> None:
+def _run_phase(s: Settings, phase: Phase, entry: dict, rec: Record, out: Path, tagged: bool) -> None:
     t0 = time.monotonic()
     try:
-        with runner.phase(f"[{phase.shard}] {phase.title}"):
+        with runner.phase(f"[{phase.shard}] {phase.title}" if tagged else phase.title):
             RUNNERS[phase.kind](s, phase)
         entry["outcome"] = "passed"
     except BaseException as exc:
@@ -421,4 +424,4 @@ def accel_used(s: Settings, out: Path) -> str:
         acc = qemu.choose_accel(qemu.ARCHES[s.arch], s.accel, s.sub("accel"), s.kvm_probe_timeout)
     except errors.HarnessError as exc:
         return f"none: {exc}"
-    return f"{acc.name} ({acc.reason}) [host verdict; no scenario guest in this shard]"
+    return f"{acc.name} ({acc.reason}) [host verdict; no guest booted in this shard]"

@@ -27,7 +27,7 @@ def main(argv: Sequence[str]) -> int:
         with runner.sigterm_interrupts():
             plan = lanes.Plan.read(Path(argv[0]))
             phases = [ci.Phase.from_dict(p) for p in plan.phases]
-            ci.run_shard(plan.settings, ci.pick(phases, argv[1]), phases, plan.full)
+            ci.run_shard(plan.settings, ci.pick(phases, argv[1]), phases, plan.full, tagged=False)
     except errors.HarnessError as exc:
         print(errors.one_line(exc), file=sys.stderr)
         return exc.exit_code

@@ -22,7 +22,7 @@ from vm import pipeline
 from vm.machine import console
 from vm.machine import guest as guest_mod
 from vm.machine.image import Image
-from vm.suites import fstests, scenario
+from vm.suites import fstests, report, scenario
 from vm.suites import fstests_batch as fstests_batch_mod
 
 SUITE = "fstests"
@@ -76,6 +76,7 @@ def guest_image(request, settings):
 def guest(request, variant, kernel, guest_image, settings, results_dir):
     """A fresh guest of ``kernel`` for the suite (never a detached one: a clean guest)."""
     g = pipeline.boot_suite_guest(settings, kernel, guest_image, {SUITE: suite_disks(request.config)[SUITE]})
+    report.record_accel(results_dir, variant, report.accel_label(g.plan.spec.accel))
     g.suite_state = {}
     g.fstests_batches = {}
     try:

@@ -342,7 +342,7 @@ def env(request, guest, variant, fs, results_dir, matrix):
     if variant not in matrix._booted:
         matrix._booted.add(variant)
         matrix.add_boot(variant, guest.boot_seconds,
-                        accel=f"{guest.plan.spec.accel.name} ({guest.plan.spec.accel.reason})")
+                        accel=report.accel_label(guest.plan.spec.accel))
     row = request.node.callspec.params.get("row", "?")
     e = ScenarioEnv(guest, fs, OverlayDirs(), Flakey(guest, _scratch_disk(guest), FLAKEY_NAME),
                     results_dir, f"{row}[{fs}-{variant}]")

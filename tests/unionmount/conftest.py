@@ -15,7 +15,7 @@ import pytest
 
 from vm import pipeline
 from vm.machine.image import Image
-from vm.suites import fstests, scenario
+from vm.suites import fstests, report, scenario
 
 SUITE = "unionmount"
 
@@ -37,6 +37,7 @@ def guest(request, variant, kernel, guest_image, settings, results_dir):
     if SUITE not in disks:
         raise pytest.UsageError("no --suite-disk unionmount=PATH given")
     g = pipeline.boot_suite_guest(settings, kernel, guest_image, {SUITE: disks[SUITE]})
+    report.record_accel(results_dir, variant, report.accel_label(g.plan.spec.accel))
     try:
         disk = scenario.disk_by_serial(g, fstests.UNIONMOUNT_SERIAL)
         g.run(["sh", "-c", f"mkdir -p {fstests.UNIONMOUNT_DIR} && mount {disk} {fstests.UNIONMOUNT_DIR}"],

@@ -189,6 +189,8 @@ def test_every_line_is_prefixed_and_kept_in_the_shards_log(fake, tmp_path):
         assert f"stdout of {name}\n" in log and f"stderr of {name}\n" in log
         assert not any(line.startswith(f"[{name}] ") for line in log.splitlines())   # the child's own lines
         assert (s.results_dir / "shards" / name / ci.MANIFEST).is_file()   # beside the shard dir, not in it
+        phase_lines = [line for line in f.lines if line.startswith(f"[{name}] ==> ")]
+        assert phase_lines and all(line.count(f"[{name}]") == 1 for line in phase_lines), phase_lines
     assert not any(line.startswith("[a]") and "of b" in line for line in f.lines)
     last = f.lines[-1]
     assert last.startswith("lanes: a ") and ", b " in last and last.endswith("in 2 lanes"), last

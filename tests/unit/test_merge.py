@@ -233,3 +233,17 @@ def test_a_suite_shards_report_section_and_nested_junit_reach_the_merge(two, tmp
     cases = _cases(tmp_path / "out" / merge.JUNIT)
     assert "tests.fstests.test_fstests::test_fstests[overlay/118-xfs-baseline]" in cases
     assert m.counts()["skipped"] == 1                        # notrun stays notrun, never a pass
+
+
+def test_a_suite_shards_guests_name_their_accelerator(tmp_path):
+    """fstests and unionmount boot guests without a scenario matrix: the accelerator each
+    variant's guest used (accel.json beside their results) reaches the shard's summary."""
+    from vm.machine import qemu
+    from vm.suites import report
+
+    suite = tmp_path / "fstests" / "fstests"
+    suite.mkdir(parents=True)
+    report.record_accel(suite, "baseline", report.accel_label(qemu.Accel("tcg", "KVM hung", 1.0)))
+    report.record_accel(suite, "patched", report.accel_label(qemu.Accel("tcg", "KVM hung", 1.0)))
+    assert merge.matrix_accels(tmp_path) == ["baseline: tcg (KVM hung)", "patched: tcg (KVM hung)"]
+    assert not list(suite.glob(".*tmp"))

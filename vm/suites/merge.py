@@ -21,7 +21,7 @@ from pathlib import Path
 
 from vm import errors
 from vm.suites import junit, report
-from vm.suites.report import MATRIX_JSON, NOT_RUN, Matrix, variant_title
+from vm.suites.report import ACCEL_JSON, MATRIX_JSON, NOT_RUN, Matrix, variant_title
 
 MANIFEST = "shard.json"
 JUNIT = "junit.xml"
@@ -67,10 +67,13 @@ def expand(patterns: list[str]) -> list[Path]:
 
 
 def matrix_accels(directory: Path) -> list[str]:
-    """``["patched: tcg (why)", ...]`` from every matrix a shard wrote."""
+    """``["patched: tcg (why)", ...]`` from every matrix a shard wrote, and every suite's
+    ``accel.json`` (fstests and unionmount boot guests too, without a matrix)."""
     seen: list[str] = []
-    for path in sorted(Path(directory).rglob(MATRIX_JSON)):
-        for variant, accel in json.loads(path.read_text()).get("accel", {}).items():
+    found = [(p, json.loads(p.read_text()).get("accel", {})) for p in Path(directory).rglob(MATRIX_JSON)]
+    found += [(p, json.loads(p.read_text())) for p in Path(directory).rglob(ACCEL_JSON)]
+    for _, accels in sorted(found, key=lambda item: item[0]):
+        for variant, accel in accels.items():
             line = f"{variant_title(variant)}: {accel}"
             if line not in seen:
                 seen.append(line)

@@ -20,6 +20,8 @@ TEMPLATES = Path(__file__).resolve().parent / "templates"
 
 #: the matrix as data, beside matrix.md and matrix.html: what `invoke report --merge` reads
 MATRIX_JSON = "matrix.json"
+#: the accelerator each variant's guest used, for a suite without a matrix (fstests, unionmount)
+ACCEL_JSON = "accel.json"
 PASS, FAIL, ERROR, SKIPPED, NOT_RUN = "pass", "fail", "error", "skipped", "not run"
 
 
@@ -254,6 +256,21 @@ class Matrix:
     def status_cells(self) -> dict[tuple[str, str, str], tuple[str, str]]:
         """``{(row, fs, variant): (status, actual)}``: what two runs of the same matrix must agree on."""
         return {(c.row, c.fs, c.variant): (c.status, c.actual) for c in self.cases.values()}
+
+
+def accel_label(accel) -> str:
+    """``tcg (why)``: how a guest's accelerator (a :class:`vm.machine.qemu.Accel`) is reported."""
+    return f"{accel.name} ({accel.reason})"
+
+
+def record_accel(directory: Path, variant: str, label: str) -> None:
+    """Add ``variant``'s accelerator to ``directory``/accel.json (written whole, then renamed)."""
+    path = Path(directory) / ACCEL_JSON
+    seen = json.loads(path.read_text()) if path.is_file() else {}
+    seen[variant] = label
+    tmp = path.with_name(f".{ACCEL_JSON}.tmp")
+    tmp.write_text(json.dumps(seen, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)
 
 
 def variant_title(variant: str) -> str:
