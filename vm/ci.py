@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Mapping
 from vm import errors, lanes, pipeline, runner
 from vm.machine import qemu
 from vm.settings import Settings
-from vm.suites import merge
+from vm.suites import fstests, merge
 from vm.suites.scenario import Expectations
 from vm.suites.suite import SuiteResult
 
@@ -52,6 +52,7 @@ class Phase:
     suite: str = ""                             # ovl.suites key of the pytest paths it runs
     results: str = ""                           # the suite's results file stem ("" for no suite)
     markers: str = ""                           # pytest -m expression for a "suite" phase ("": all)
+    filesystems: tuple[str, ...] = ()           # base filesystems of an fstests_full phase
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -106,9 +107,11 @@ def _main_phases(s: Settings, full: bool) -> list[Phase]:
 def _full_phases(s: Settings) -> list[Phase]:
     pair = (pipeline.BASELINE, pipeline.PATCHED)
     out = [Phase("mutation", "mutation", "mutation check (series without its last patch)", base=s.base),
-           # every overlay/quick test on ext4 and xfs, B and P: MEASURED_QUICK under TCG
-           Phase("fstests-full", "fstests_full", f"fstests -overlay -g {', '.join(s.fstests_full_groups)} on "
-                 "baseline, patched (ext4, xfs)", base=s.base, variants=(pipeline.BASELINE, pipeline.PATCHED)),
+           # every overlay/quick test, B then P, a shard per base fs so that two lanes run
+           # them side by side: ~55 min each under TCG (README), ~110 min one after the other
+           *[Phase(f"fstests-full-{fs}", "fstests_full", f"fstests -overlay -g {', '.join(s.fstests_full_groups)} "
+                   f"on baseline, patched ({fs})", base=s.base, variants=pair, filesystems=(fs,))
+             for fs in fstests.FILESYSTEMS],
            # review finding 2 on a kernel of its own (overlayfs built in, kprobe events): its
            # kconfig/boot-rng.config turns CONFIG_TRACING on, which changes include/linux/kernel.h,
            # so ccache cannot help: BOOT_ID_COLD_BUILD measured, over the main tier's cold budget
@@ -198,6 +201,8 @@ def cells(s: Settings, phase: Phase) -> list[str]:
         if phase.kind == "matrix":          # its kernels: the scenario shards' and its base's build phase
             return runs
         return [f"build:{phase.base}/{v}" for v in phase.variants] + runs + [f"smoke:{v}" for v in phase.variants]
+    if phase.kind == "fstests_full":
+        return [f"fstests_full:{phase.base}/{fs}" for fs in phase.filesystems]
     return [f"{phase.kind}:{phase.suite or phase.base}" + (f"[{phase.markers}]" if phase.markers else "")]
 
 
@@ -291,9 +296,7 @@ def _fstests(s: Settings, phase: Phase) -> list[SuiteResult]:
 
 
 def _fstests_full(s: Settings, phase: Phase) -> list[SuiteResult]:
-    from vm.suites import fstests
-
-    verdict = pipeline.fstests_check(s.with_base(phase.base), _variants(phase), fstests.FILESYSTEMS,
+    verdict = pipeline.fstests_check(s.with_base(phase.base), _variants(phase), phase.filesystems,
                                      s.fstests_full_groups)
     print(verdict.render("fstests -overlay", phase.base))
     return []

@@ -417,7 +417,8 @@ def fstests_run(settings: Settings, variants: list[Variant], filesystems: tuple[
     known = fstests.KnownFailures.load(settings.suite_path("known_failures") / f"{settings.base}.json")
     verdict = fstests.judge(result.cases, known, [label for label, _ in kernels], filesystems,
                             returncode=result.returncode)
-    verdict.write(req.results_dir, settings.results_dir / "matrix.md", settings.base)
+    verdict.write(req.results_dir, settings.results_dir / "matrix.md", settings.base,
+                  fstests.section_title(groups, filesystems))
     return verdict
 
 
@@ -499,23 +500,3 @@ def fstests_mutation_check(settings: Settings) -> None:
     runner.echo("fstests mutation check passed: overlay/118 fails without the errseq patch")
 
 
-def peer_suite_steps(settings: Settings, full: bool = False) -> list[tuple[str, "object"]]:
-    """``invoke ci``'s fstests and unionmount-testsuite work as (title, callable) steps, so
-    a CI plan can make each a phase: ``ovl.fstests_ci_tests`` on ``ovl.fstests_ci_fs`` and
-    unionmount-testsuite on B and P of ``ovl.base``; ``full`` adds ``ovl.fstests_full_groups``
-    on ext4 and xfs and the fstests mutation check."""
-    both = [Variant.parse(BASELINE), Variant.parse(PATCHED)]
-    s = settings
-    steps = [
-        (f"fstests -overlay {', '.join(s.fstests_ci_tests)} on baseline, patched ({', '.join(s.fstests_ci_fs)})",
-         lambda: fstests_check(s, both, s.fstests_ci_fs)),
-        ("unionmount-testsuite on baseline, patched", lambda: unionmount_run(s, both).check()),
-    ]
-    if full:
-        steps += [
-            (f"fstests -overlay -g {', '.join(s.fstests_full_groups)} on baseline, patched (ext4, xfs)",
-             lambda: fstests_check(s, both, fstests.FILESYSTEMS, s.fstests_full_groups)),
-            ("fstests mutation: overlay/118 on the series without its errseq patch",
-             lambda: fstests_mutation_check(s)),
-        ]
-    return steps

@@ -276,3 +276,16 @@ def test_a_shared_path_is_found_from_a_clone_that_is_not_beside_it(tmp_path):
     gone = replace(s, shared_dirs=("../shared", str(tmp_path / "nothing")),
                    fstests_source="tarball:../shared/vendor/other.tar.gz")
     assert Path(pipeline.suite_source(gone, "fstests").value).resolve() == clone.parent / "shared" / "vendor" / "other.tar.gz"
+
+
+def test_each_run_has_a_matrix_section_of_its_own():
+    """The main tier's run and the two full-tier shards (one per fs) write sections that a
+    merge keeps side by side: the same key made the last shard's overwrite the others'."""
+    from vm import ci
+    from vm.settings import load
+
+    s = load()
+    phases = [p for p in ci.plan(s, full=True) if p.kind in ("fstests", "fstests_full")]
+    titles = {fstests.section_title(s.fstests_full_groups if p.kind == "fstests_full" else (),
+                                    p.filesystems or s.fstests_ci_fs) for p in phases}
+    assert len(phases) == 3 and len(titles) == 3, titles

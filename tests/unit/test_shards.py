@@ -55,7 +55,7 @@ def expected_cells(s: Settings, full: bool) -> list[str]:
                                                    "boot_failures:boot_failures", "suite:faults",
                                                    "suite:bisect[slow and not roundtrip]"]
     if full:
-        cells += ["mutation:" + s.base, "fstests_full:" + s.base, "boot_id:boot_id", "fstests_mutation:" + s.base,
+        cells += ["mutation:" + s.base, *[f"fstests_full:{s.base}/{fs}" for fs in ("ext4", "xfs")], "boot_id:boot_id", "fstests_mutation:" + s.base,
                   "suite:bisect[roundtrip]"]
         for b in s.bases:
             if b != s.base:

@@ -24,7 +24,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Protocol
+from typing import Iterable, Mapping, Protocol, Sequence
 
 from vm import errors, runner
 from vm.suites import report
@@ -402,6 +402,12 @@ def _judge(test: str, fs: str, b: TestResult, p: TestResult, known: KnownFailure
             out["regressions"].append(f"{test}: {b.outcome} on {labels[0]}, failed on {labels[1]}: {p.message}")
     elif b.outcome == FAILED and p.outcome == PASSED:
         out["fixed"].append(test)
+
+
+def section_title(groups: Sequence[str], filesystems: Sequence[str]) -> str:
+    """A run's section in matrix.md, and its key in a merge: the main tier's tests and each
+    full-tier shard's groups on its fs are sections of their own, never one overwriting another."""
+    return "fstests -overlay" + (f" -g {','.join(groups)}" if groups else "") + f" ({', '.join(filesystems)})"
 
 
 def render_diff(diffs: Iterable[Diff], title: str = "fstests -overlay: patched vs baseline") -> str:
