@@ -136,7 +136,12 @@ def _full_phases(s: Settings) -> list[Phase]:
 def plan(s: Settings, full: bool = False) -> list[Phase]:
     """Every phase of the main tier (and of the full tier with ``full``), in the order run."""
     phases = [p for p in _main_phases(s, full) if p.kind != "build" or p.variants]
-    return phases + (_full_phases(s) if full else [])
+    if not full:
+        return phases
+    # longest first, so that in lanes the rest fills in beside them: overlay/quick per fs
+    extra = _full_phases(s)
+    longest = [p for p in extra if p.kind == "fstests_full"]
+    return longest + phases + [p for p in extra if p not in longest]
 
 
 def shards(phases: Iterable[Phase]) -> list[Shard]:
