@@ -12,6 +12,7 @@ two boots the harness is compared with: QEMU's bare boot to the root-mount panic
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import os
 import platform
@@ -146,13 +147,32 @@ def host_facts(accel: str, kernels: Mapping[str, str]) -> dict:
 
 
 def write_json(path: Path, rows: Sequence[Row], host: Mapping, repeat: int) -> Path:
-    """``results/bench.json``, written whole (temp file + rename)."""
+    """``results/bench.json``, written whole (temp file + rename).  The rows of an earlier
+    run that this one did not measure (``--only``) are kept; a row measured again is
+    replaced.  Each row says which run measured it (when, ``--repeat``, load, accelerator),
+    since two ``--only`` runs may see different loads; ``host`` and ``repeat`` are the
+    latest run's."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = {"repeat": repeat, "host": dict(host), "rows": [r.to_dict() for r in rows]}
+    run = {"at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "repeat": repeat,
+           "load_average": list(host.get("load_average", ())), "accelerator": host.get("accelerator", "")}
+    merged = {r["name"]: r for r in _earlier_rows(path)}
+    merged.update({r.name: {**r.to_dict(), "run": run} for r in rows})
+    data = {"repeat": repeat, "host": dict(host), "rows": list(merged.values())}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     tmp.replace(path)
     return path
+
+
+def _earlier_rows(path: Path) -> list[dict]:
+    """The rows an earlier run left in ``path``; none if there is no file or it is not
+    bench.json's shape (it is then replaced, not merged)."""
+    try:
+        rows = json.loads(path.read_text()).get("rows", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [r for r in rows if isinstance(r, dict) and isinstance(r.get("name"), str)] \
+        if isinstance(rows, list) else []
 
 
 # --- what the measurements read -----------------------------------------------------

@@ -64,10 +64,38 @@ def test_json_has_rows_stats_and_host(tmp_path):
     assert data["repeat"] == 3
     assert data["host"]["cores"] == os.cpu_count() and data["host"]["accelerator"] == "tcg (KVM probe failed)"
     assert data["host"]["kernels"] == {"patched": "7.2.13"}
+    run = data["rows"][0].pop("run")
+    assert run["repeat"] == 3 and run["accelerator"] == "tcg (KVM probe failed)" and run["at"]
     assert data["rows"][0] == {"name": "boot: x", "samples": [1.0, 2.0, 9.0], "note": "",
                                "min": 1.0, "median": 2.0, "max": 9.0}
-    assert data["rows"][1] == {"name": "vng", "samples": [], "note": "not run: no vng here"}
+    assert data["rows"][1]["run"] == run
+    assert {k: v for k, v in data["rows"][1].items() if k != "run"} == \
+        {"name": "vng", "samples": [], "note": "not run: no vng here"}
     assert not list(path.parent.glob("*.tmp"))
+
+
+def test_a_run_with_only_some_measurements_keeps_the_others_rows(tmp_path):
+    """`invoke bench --only boot` after a whole run: the other rows stay, boot's is replaced,
+    and each row still says which run (repeat, load) measured it."""
+    path = tmp_path / "bench.json"
+    first = bench.host_facts("tcg (first)", {})
+    bench.write_json(path, [bench.Row("boot: x", (1.0,)), bench.Row("build: incremental", (5.0,))], first, 1)
+    bench.write_json(path, [bench.Row("boot: x", (2.0, 3.0))], bench.host_facts("tcg (second)", {}), 2)
+    data = json.loads(path.read_text())
+    rows = {r["name"]: r for r in data["rows"]}
+    assert list(rows) == ["boot: x", "build: incremental"]
+    assert rows["boot: x"]["samples"] == [2.0, 3.0] and rows["boot: x"]["run"]["repeat"] == 2
+    assert rows["build: incremental"]["samples"] == [5.0]
+    assert rows["build: incremental"]["run"]["repeat"] == 1
+    assert rows["build: incremental"]["run"]["accelerator"] == "tcg (first)"
+    assert data["repeat"] == 2 and data["host"]["accelerator"] == "tcg (second)"
+
+
+def test_a_bench_json_of_another_shape_is_replaced(tmp_path):
+    path = tmp_path / "bench.json"
+    path.write_text("[1, 2]\n")
+    bench.write_json(path, [bench.Row("boot: x", (1.0,))], bench.host_facts("tcg", {}), 1)
+    assert [r["name"] for r in json.loads(path.read_text())["rows"]] == ["boot: x"]
 
 
 # --- selection ---------------------------------------------------------------------------
