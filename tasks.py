@@ -137,7 +137,8 @@ def ssh(c, command=None, variant=None):
         raise Exit(code=res.exit_status)
 
 
-@harness_task(help={"variant": "stop only the guests of this label (e.g. devloop-patched, the loop's guest)"})
+@harness_task(help={"variant": "stop only the guests of this label (e.g. patched, or the loop's guest: "
+                               "devloop-patched-<clone>-<base>, as `invoke retest` prints it)"})
 def stop(c, variant=None):
     """Stop every detached guest (or those of one label)."""
     alive = [g for g in pipeline.running_guests(settings_of(c)) if variant in (None, g.plan.kernel_label)]
@@ -410,7 +411,8 @@ def retest(c, tree, k=None, fs=None, base=None):
     # the library printed `retest: <path> (<why>)` when it decided, before acting on it
     print(f"verdict: {done.result.counts()} in {done.seconds:.0f}s (build {done.build_seconds:.0f}s, "
           f"{done.decision.path} {done.action_seconds:.0f}s, rows {done.session_seconds:.0f}s); "
-          f"the loop guest stays up (`invoke ssh --variant devloop-patched`, `invoke stop`)")
+          f"the loop guest stays up (`invoke ssh --variant {done.label}`, "
+          f"`invoke stop --variant {done.label}`)")
     done.result.check()
 
 

@@ -6,6 +6,7 @@ on that branch, and the B/P plan must point B at the cover commit's parent in a
 cache worktree, never at the user's checkouts.
 """
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -89,7 +90,9 @@ def test_plan_puts_b_in_a_cache_worktree_and_p_on_the_work_tree(series_wt, tmp_p
     assert tp.patched.src == wt.resolve() and tp.patched.commit is None
     assert tp.patched.obj == tp.root / "patched" / "obj"
     assert (tp.baseline.judged_as, tp.patched.judged_as) == ("baseline", "patched")
-    assert tp.patched.label == "devloop-patched" != "patched"    # never an `invoke boot --detach` guest
+    # never an `invoke boot --detach` guest's label, nor another clone's or base's loop guest's
+    assert tp.patched.label == f"devloop-patched-{found.repo_key[:6]}-7.2"
+    assert tp.baseline.label == f"devloop-baseline-{found.repo_key[:6]}-7.2"
     assert tp.baseline.key == found.base_commit[:12] and tp.patched.key == "worktree"
 
 
@@ -146,3 +149,17 @@ def test_the_default_series_worktree_sits_beside_ps_o_dir(series_wt, tmp_path):
     assert tp.patched.src == default.resolve()
     assert tp.patched.src.parent == tp.patched.obj.parent and tp.patched.src.name == "src"
     assert tp.baseline.src.parent == tp.baseline.obj.parent and tp.baseline.src.name == "src"
+
+
+def test_two_clones_and_two_bases_have_loop_guests_of_their_own(series_wt, tmp_path):
+    """A detached boot stops the idle guests of its label: the loops of two clones (or of
+    two bases in one clone) must not share one, or each retest kills the other's guest."""
+    repo, wt = series_wt
+    clone = tmp_path / "clone"
+    _git(tmp_path, "clone", "-q", "-b", "b4/ovl-volatile-7.2", str(repo), str(clone))
+    one, other = trees.detect(wt), trees.detect(clone)
+    assert one is not None and other is not None and one.repo_key != other.repo_key
+    labels = {trees.plan(_settings(tmp_path), f).patched.label for f in (one, other)}
+    settings_61 = dataclasses.replace(_settings(tmp_path), base="6.1")
+    labels.add(trees.plan(settings_61, dataclasses.replace(one, base=None)).patched.label)
+    assert len(labels) == 3, labels

@@ -62,6 +62,7 @@ class Retest:
     session_seconds: float
     seconds: float
     notes: list[str] = field(default_factory=list)
+    label: str = ""                  # the loop guest's label, for `invoke ssh/stop --variant`
 
 
 def _boot(settings: Settings, tp: trees.TreePlan, kernel, g):
@@ -119,4 +120,4 @@ def retest(settings: Settings, found: trees.SeriesTree, *, keyword: str | None =
                                 filesystems=filesystems, keep_vm=True)
     now = time.monotonic()
     return Retest(Decision(decision.path, why), result, built.seconds, round(action, 1),
-                  round(now - session_start, 1), round(now - start, 1), notes)
+                  round(now - session_start, 1), round(now - start, 1), notes, tp.patched.label)

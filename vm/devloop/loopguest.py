@@ -1,4 +1,4 @@
-"""The loop's guest: the ``devloop-patched`` guest ``invoke retest`` keeps running.
+"""The loop's guest: the ``devloop-patched-<clone>-<base>`` guest ``invoke retest`` keeps running.
 
 ``<devloop root>/loop.json`` records which guest it is (run dir, QEMU pid) and
 the artifacts of the kernel and module it runs (:class:`Artifacts`), written

@@ -18,10 +18,12 @@ dirs under ``<cache>/devloop/<repo key>-<base>/``::
 (``base_dir`` = the cache) rewrites the compiler's paths relative to ``obj``, so
 both hit on the objects ``invoke build`` compiled for the same sources.  (A
 series worktree elsewhere is built in ``patched/obj`` too, without those hits:
-its first build compiles everything.)  The kernels carry the labels ``devloop-baseline``
-and ``devloop-patched`` (their guests never clash with ``invoke boot --detach``
-guests) and are judged as ``baseline`` and ``patched`` against the base's
-expectations.  Any other ``tree:`` keeps its meaning: a kernel tree that
+its first build compiles everything.)  The kernels carry the labels
+``devloop-baseline-<clone>-<base>`` and ``devloop-patched-<clone>-<base>`` (``<clone>``:
+the first 6 digits of the repo key), so their guests never clash with ``invoke boot
+--detach`` guests nor with the loop of another clone or base (a detached boot, and a
+session finding an idle guest of its label on another build, stop that guest), and
+are judged as ``baseline`` and ``patched`` against the base's expectations.  Any other ``tree:`` keeps its meaning: a kernel tree that
 ``patches/<base>/`` is applied to.
 """
 
@@ -105,7 +107,7 @@ def detect(tree: Path) -> SeriesTree | None:
 
 @dataclass(frozen=True)
 class DevBuild:
-    label: str           # the kernel's label (build.json, run dirs): devloop-baseline / devloop-patched
+    label: str           # the kernel's label (build.json, run dirs): devloop-patched-<clone>-<base>, ...
     judged_as: str       # the scenario variant whose expectations apply: baseline / patched
     src: Path
     obj: Path
@@ -133,10 +135,12 @@ def plan(settings: Settings, found: SeriesTree) -> TreePlan:
                                  fix=f"pass --base {found.base}")
     root = devloop_root(settings, found.repo_key)
     b, p = root / "baseline", root / "patched"
+    mine = f"{found.repo_key[:6]}-{settings.base}"
     return TreePlan(tree=found, root=root,
-                    baseline=DevBuild(BASELINE_LABEL, pipeline.BASELINE, b / "src", b / "obj", b,
+                    baseline=DevBuild(f"{BASELINE_LABEL}-{mine}", pipeline.BASELINE, b / "src", b / "obj", b,
                                       found.base_commit),
-                    patched=DevBuild(PATCHED_LABEL, pipeline.PATCHED, found.worktree, p / "obj", p, None))
+                    patched=DevBuild(f"{PATCHED_LABEL}-{mine}", pipeline.PATCHED, found.worktree, p / "obj",
+                                     p, None))
 
 
 def checkout_baseline(found: SeriesTree, item: DevBuild) -> None:
