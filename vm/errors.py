@@ -73,8 +73,8 @@ class PatchDoesNotApply(UserError):
 
 
 class ConfigOptionsDropped(UserError):
-    message = ("kconfig dropped {count} requested option(s) after olddefconfig: {options}; "
-               "fix: add the missing dependencies to the fragment or remove these lines")
+    message = ("kconfig dropped {count} requested option(s) {when}: {options}; "
+               "fix: {fix}")
 
 
 class BadFragment(UserError):

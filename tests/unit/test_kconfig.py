@@ -110,3 +110,30 @@ def test_real_merge_names_dropped_option(kernel_tree, tmp_path):
                             log=tmp_path / "log")
     assert "CONFIG_DM_FLAKEY=y (got not set)" in str(exc.value)
     assert "CONFIG_64BIT" not in str(exc.value)
+
+
+def test_a_kept_config_is_validated_again_after_kbuild_resyncs_it(tmp_path, monkeypatch):
+    """The devloop keeps .config when the fragments are unchanged; a Kconfig edit in the
+    tree makes kbuild re-sync it during make, silently.  An option it dropped is named."""
+    from vm.kernel import build
+
+    frag = tmp_path / "f.config"
+    frag.write_text("CONFIG_OVERLAY_FS=m\nCONFIG_DM_FLAKEY=y\n")
+    frags = kconfig.resolve_fragments([str(frag)], tmp_path)
+    obj = tmp_path / "obj"
+    (obj / "include" / "config").mkdir(parents=True)
+    (obj / "include" / "config" / "kernel.release").write_text("7.2.13\n")
+    (obj / ".config").write_text("CONFIG_OVERLAY_FS=m\nCONFIG_DM_FLAKEY=y\n")
+
+    def make_resyncs(src, obj_, targets, tc, log, label, extra=()):
+        (obj_ / ".config").write_text("CONFIG_OVERLAY_FS=m\n# CONFIG_DM_FLAKEY is not set\n")
+
+    monkeypatch.setattr(build, "_make", make_resyncs)
+    tc = build.Toolchain(jobs=1, ccache_dir=None, cache_root=tmp_path)
+    with pytest.raises(errors.ConfigOptionsDropped, match=r"re-synced .*CONFIG_DM_FLAKEY=y \(got not set\)"):
+        build.compile_tree(tmp_path / "src", obj, frags, tc, tmp_path / "log", "devloop-patched",
+                           reconfigure=False)
+    monkeypatch.setattr(build, "_make", lambda *a, **k: None)
+    (obj / ".config").write_text("CONFIG_OVERLAY_FS=m\nCONFIG_DM_FLAKEY=y\n")
+    assert build.compile_tree(tmp_path / "src", obj, frags, tc, tmp_path / "log", "devloop-patched",
+                              reconfigure=False)[1] == "7.2.13"

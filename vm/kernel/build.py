@@ -292,8 +292,9 @@ def compile_tree(src: Path, obj: Path, fragments: Sequence[kconfig.Fragment], tc
 
     Incremental when ``obj`` already holds a build: kbuild only recompiles what
     changed.  ``reconfigure=False`` keeps a ``.config`` already made from the same
-    fragments (kbuild itself re-syncs it when a Kconfig file changed).  Returns
-    the validated config and the kernel release.
+    fragments (kbuild itself re-syncs it when a Kconfig file changed, silently:
+    so the kept config is validated again after make, and an option an edited
+    Kconfig dropped is named).  Returns the validated config and the kernel release.
     """
     config = obj / ".config"
     if reconfigure or not config.is_file():
@@ -303,6 +304,8 @@ def compile_tree(src: Path, obj: Path, fragments: Sequence[kconfig.Fragment], tc
         runner.echo(f"  {label}: config kept ({config}, same fragments)")
     with runner.phase(f"{label}: bzImage + modules (log: {log})"):
         _make(src, obj, ["bzImage", "modules"], tc, log, label)
+    if not reconfigure:
+        kconfig.validate(kconfig.requested(fragments), config, kconfig.AFTER_RESYNC)
     return config, (obj / "include" / "config" / "kernel.release").read_text().strip()
 
 

@@ -96,11 +96,20 @@ def dropped_options(wanted: Mapping[str, str], final: Mapping[str, str]) -> list
     return missing
 
 
-def validate(wanted: Mapping[str, str], config_path: Path) -> None:
+#: what a dropped option means right after olddefconfig, and after kbuild re-synced a kept
+#: .config during make (a Kconfig file of the tree changed)
+AFTER_OLDDEFCONFIG = ("after olddefconfig", "add the missing dependencies to the fragment or remove these lines")
+AFTER_RESYNC = ("when kbuild re-synced the kept .config (a Kconfig file in the tree changed)",
+                "undo the Kconfig edit that removed or renamed them, or change the fragment to match it")
+
+
+def validate(wanted: Mapping[str, str], config_path: Path,
+             context: tuple[str, str] = AFTER_OLDDEFCONFIG) -> None:
     final = parse_lines(config_path.read_text().splitlines(), str(config_path))
     missing = dropped_options(wanted, final)
     if missing:
-        raise errors.ConfigOptionsDropped(count=len(missing), options=", ".join(missing))
+        when, fix = context
+        raise errors.ConfigOptionsDropped(count=len(missing), options=", ".join(missing), when=when, fix=fix)
 
 
 def fingerprint(fragments: Iterable[Fragment]) -> str:
