@@ -409,6 +409,8 @@ def fstests_run(settings: Settings, variants: list[Variant], filesystems: tuple[
     options = tuple(x for t in selected for x in ("--fstests-test", t))
     if mount_options:
         options += ("--fstests-mount-options", mount_options)
+    # fstests' overlay/union tests run unionmount-testsuite themselves: its disk goes along
+    options += ("--suite-disk", f"unionmount={suite_disk(settings, 'unionmount').disk}")
     req = _suite_request(settings, "fstests", kernels, disk, filesystems, options)
     for label, _ in kernels:
         for fs in filesystems:

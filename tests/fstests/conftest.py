@@ -75,8 +75,12 @@ def guest_image(request, settings):
 @pytest.fixture(scope="session")
 def guest(request, variant, kernel, guest_image, settings, results_dir):
     """A fresh guest of ``kernel`` for the suite (never a detached one: a clean guest)."""
-    g = pipeline.boot_suite_guest(settings, kernel, guest_image, {SUITE: suite_disks(request.config)[SUITE]})
+    disks = suite_disks(request.config)      # fstests', and unionmount-testsuite's for overlay/union
+    if SUITE not in disks:
+        raise pytest.UsageError("no --suite-disk fstests=PATH given")
+    g = pipeline.boot_suite_guest(settings, kernel, guest_image, disks)
     report.record_accel(results_dir, variant, report.accel_label(g.plan.spec.accel))
+    g.suite_disks = tuple(disks)
     g.suite_state = {}
     g.fstests_batches = {}
     try:
@@ -114,21 +118,26 @@ def hung_guest(guest) -> HungGuest:
 
 
 def prepare_fs(guest, fs: str, mount_options: str) -> None:
-    """The guest ready for ``./check -overlay`` on base fs ``fs``: the fstests disk
-    mounted (once per boot), the mounts of an earlier fs released (checked), fresh
-    TEST/SCRATCH filesystems, ``local.config``."""
+    """The guest ready for ``./check -overlay`` on base fs ``fs``: the suite disks
+    mounted (once per boot: fstests', and unionmount-testsuite's when the guest has it),
+    the mounts of an earlier fs released (checked), fresh TEST/SCRATCH filesystems,
+    ``local.config``."""
     state = guest.suite_state
     test_dev = scenario.disk_by_serial(guest, "ovlscratch0")
     scratch_dev = scenario.disk_by_serial(guest, "ovlscratch1")
     if not state.get("mounted"):
-        disk = scenario.disk_by_serial(guest, fstests.FSTESTS_SERIAL)
-        guest.run(["sh", "-c", f"mkdir -p {fstests.FSTESTS_DIR} && mount {disk} {fstests.FSTESTS_DIR}"],
-                  check=True)
+        union = "unionmount" in guest.suite_disks
+        mounts = [(fstests.FSTESTS_SERIAL, fstests.FSTESTS_DIR)]
+        mounts += [(fstests.UNIONMOUNT_SERIAL, fstests.UNIONMOUNT_DIR)] if union else []
+        for serial, where in mounts:
+            disk = scenario.disk_by_serial(guest, serial)
+            guest.run(["sh", "-c", f"mkdir -p {where} && mount {disk} {where}"], check=True)
+        state["unionmount"] = fstests.UNIONMOUNT_DIR if union else ""
         state["mounted"] = True
     fstests.release_mounts(guest, fs)
     guest.run(fstests.prepare_argv(fs, test_dev, scratch_dev), check=True, timeout=600)
     guest.conn.put_text(f"{fstests.FSTESTS_DIR}/local.config",
-                        fstests.local_config(fs, test_dev, scratch_dev, mount_options))
+                        fstests.local_config(fs, test_dev, scratch_dev, mount_options, state["unionmount"]))
     state["fs"] = fs
 
 

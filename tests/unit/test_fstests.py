@@ -138,6 +138,10 @@ def test_local_config_for_an_overlay_run():
                  'export OVERLAY_MOUNT_OPTIONS="-o volatile"'):
         assert line in text.splitlines()
     assert "OVERLAY_MOUNT_OPTIONS" not in fstests.local_config("ext4", "/dev/a", "/dev/b")
+    assert "UNIONMOUNT_TESTSUITE" not in text
+    # overlay/100-117 (-g overlay/union) run unionmount-testsuite from there; notrun without it
+    union = fstests.local_config("ext4", "/dev/a", "/dev/b", unionmount=fstests.UNIONMOUNT_DIR)
+    assert f"export UNIONMOUNT_TESTSUITE={fstests.UNIONMOUNT_DIR}" in union.splitlines()
     with pytest.raises(errors.BadArgument):
         fstests.local_config("btrfs", "/dev/a", "/dev/b")
 

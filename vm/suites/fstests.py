@@ -199,8 +199,11 @@ def select(root: Path, group_names: Iterable[str] = (), tests: Iterable[str] = (
 
 # --- guest side ------------------------------------------------------------------------
 
-def local_config(fs: str, test_dev: str, scratch_dev: str, mount_options: str = "") -> str:
-    """fstests' ``local.config`` for ``./check -overlay`` on base fs ``fs`` (README.overlay)."""
+def local_config(fs: str, test_dev: str, scratch_dev: str, mount_options: str = "",
+                 unionmount: str = "") -> str:
+    """fstests' ``local.config`` for ``./check -overlay`` on base fs ``fs`` (README.overlay).
+    ``unionmount``: where unionmount-testsuite is in the guest, for the tests that run it
+    (``-g overlay/union``: overlay/100-117, which are notrun without it)."""
     if fs not in FILESYSTEMS:
         raise errors.BadArgument(what=f"unknown base filesystem {fs!r}", fix=f"use {', '.join(FILESYSTEMS)}")
     lines = [f"export FSTYP={fs}", f"export TEST_DEV={test_dev}", f"export TEST_DIR={TEST_DIR}",
@@ -209,6 +212,8 @@ def local_config(fs: str, test_dev: str, scratch_dev: str, mount_options: str = 
     if mount_options:
         opts = ",".join(o.strip() for o in mount_options.split(",") if o.strip())
         lines.append(f'export OVERLAY_MOUNT_OPTIONS="-o {opts}"')
+    if unionmount:
+        lines.append(f"export UNIONMOUNT_TESTSUITE={unionmount}")
     return "# written by ovl-volatile-harness (vm/suites/fstests.py)\n" + "\n".join(lines) + "\n"
 
 
