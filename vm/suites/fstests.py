@@ -412,7 +412,7 @@ def _judge(test: str, fs: str, b: TestResult, p: TestResult, known: KnownFailure
 def section_title(groups: Sequence[str], filesystems: Sequence[str]) -> str:
     """A run's section in matrix.md, and its key in a merge: the main tier's tests and each
     full-tier shard's groups on its fs are sections of their own, never one overwriting another."""
-    return "fstests -overlay" + (f" -g {','.join(groups)}" if groups else "") + f" ({', '.join(filesystems)})"
+    return "fstests -overlay" + (f" -g {','.join(groups)}" if groups else "") + f" on {', '.join(filesystems)}"
 
 
 def render_diff(diffs: Iterable[Diff], title: str = "fstests -overlay: patched vs baseline") -> str:
