@@ -108,7 +108,8 @@ def _full_phases(s: Settings) -> list[Phase]:
     pair = (pipeline.BASELINE, pipeline.PATCHED)
     out = [Phase("mutation", "mutation", "mutation check (series without its last patch)", base=s.base),
            # every overlay/quick test, B then P, a shard per base fs so that two lanes run
-           # them side by side: ~55 min each under TCG (README), ~110 min one after the other
+           # them side by side: 46-47 min each measured under TCG, ~10 min more since the
+           # union tests run (README); one shard for both fs took ~110 min
            *[Phase(f"fstests-full-{fs}", "fstests_full", f"fstests -overlay -g {', '.join(s.fstests_full_groups)} "
                    f"on baseline, patched ({fs})", base=s.base, variants=pair, filesystems=(fs,))
              for fs in fstests.FILESYSTEMS],

@@ -23,8 +23,8 @@ its first build compiles everything.)  The kernels carry the labels
 the first 6 digits of the repo key), so their guests never clash with ``invoke boot
 --detach`` guests nor with the loop of another clone or base (a detached boot, and a
 session finding an idle guest of its label on another build, stop that guest), and
-are judged as ``baseline`` and ``patched`` against the base's expectations.  Any other ``tree:`` keeps its meaning: a kernel tree that
-``patches/<base>/`` is applied to.
+are judged as ``baseline`` and ``patched`` against the base's expectations.  Any
+other ``tree:`` keeps its meaning: a kernel tree that ``patches/<base>/`` is applied to.
 """
 
 from __future__ import annotations
